@@ -1,0 +1,238 @@
+"""The config schema: types and allowed values of every key in conf/, checked before any model loads.
+
+The values themselves live in conf/ (one place); this module only says what is allowed. `validate`
+turns any problem into a ConfigError with one line naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from .errors import ConfigError
+
+Check = Callable[[Any], Optional[str]]  # returns what is allowed when the value is not
+
+
+def one_of(*choices: Any) -> Check:
+    return lambda v: None if v in choices else "one of " + ", ".join(str(c) for c in choices)
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"a number > {low}"
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"a number >= {low}"
+
+
+def in_range(low: float, high: float) -> Check:
+    """low <= v < high."""
+    return lambda v: None if low <= v < high else f"a number in [{low}, {high})"
+
+
+def key(check: Check | None = None, default: Any = MISSING) -> Any:
+    """A schema field; `check` only runs on values that are not None."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = key()
+    tokenizer: Optional[str] = key()
+    config: Optional[Dict[str, Any]] = key()
+    dtype: str = key(one_of("float32", "bfloat16", "float16"))
+    attn_implementation: str = key(one_of("eager", "sdpa", "flash_attention_2"))
+    trust_remote_code: bool = key()
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = key(above(0))
+    min_items: int = key(above(1))
+    max_items: int = key(above(1))
+    max_changed: int = key(above(0))
+
+
+@dataclass
+class DataConfig:
+    format: str = key(one_of("auto", "hh_rlhf", "prompt_chosen_rejected", "conversational", "synthetic"))
+    path: Optional[str] = key()
+    split: Optional[str] = key()
+    eval_path: Optional[str] = key()
+    eval_split: Optional[str] = key()
+    eval_size: int = key(at_least(0))
+    max_length: int = key(above(1))
+    max_prompt_length: int = key(above(0))
+    max_rows: Optional[int] = key(above(0))
+    on_bad_row: str = key(one_of("skip", "error"))
+    shuffle: bool = key()
+    synthetic: Optional[SyntheticConfig] = key()
+
+
+@dataclass
+class LossConfig:
+    name: str = key(one_of("sft", "dpo"))
+    beta: float = key(above(0))
+    label_smoothing: float = key(in_range(0.0, 0.5))
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = key(above(0))
+    epochs: float = key(above(0))
+    micro_batch_size: int = key(above(0))
+    grad_accum: int = key(above(0))
+    optimizer: str = key(one_of("adamw", "rmsprop"))
+    lr: float = key(above(0))
+    weight_decay: float = key(at_least(0))
+    schedule: str = key(one_of("constant", "linear", "cosine"))
+    warmup_steps: int = key(at_least(0))
+    max_grad_norm: Optional[float] = key(above(0))
+    precision: str = key(one_of("fp32", "bf16"))
+    gradient_checkpointing: bool = key()
+    eval_every: int = key(at_least(0))
+    eval_before: bool = key()
+    eval_batch_size: int = key(above(0))
+    device: str = key(one_of("auto", "cpu", "cuda"))
+    save_final: bool = key()
+
+
+@dataclass
+class LoggerConfig:
+    progress: str = key(one_of("auto", "bar", "plain", "off"))
+    print_every: int = key(above(0))
+    log_every: int = key(above(0))
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = key(at_least(0))
+    experiment: Optional[Dict[str, Any]] = key(default=None)  # set by +experiment=NAME; no keys of its own
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Merge the composed config onto the schema and check every value; return the typed, resolved config.
+
+    Raises ConfigError with one line: the key, the bad value and what is allowed.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        OmegaConf.resolve(merged)
+        _check(merged, TrainConfig, "")
+        _check_relations(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(describe_omegaconf_error(e)) from None
+    return merged
+
+
+def _check(node: DictConfig, schema: type, prefix: str) -> None:
+    for f in dataclasses.fields(schema):
+        value = node[f.name]
+        name = prefix + f.name
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            _check(value, f.type, name + ".")
+            continue
+        nested = _nested_schema(f)
+        if nested is not None:
+            _check(value, nested, name + ".")
+            continue
+        check = f.metadata.get("check")
+        allowed = check(value) if check else None
+        if allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def _nested_schema(f: dataclasses.Field) -> type | None:
+    # With postponed annotations f.type is a string: look the dataclass up by name.
+    name = str(f.type).removeprefix("Optional[").removesuffix("]")
+    candidate = globals().get(name)
+    return candidate if dataclasses.is_dataclass(candidate) else None
+
+
+def _check_relations(cfg: DictConfig) -> None:
+    d = cfg.data
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} must be smaller than data.max_length={d.max_length}"
+        )
+    if d.format == "synthetic":
+        s = d.synthetic
+        if s is None:
+            raise ConfigError("data.format=synthetic needs data.synthetic settings (use data=synthetic)")
+        if s.min_items > s.max_items:
+            raise ConfigError(f"data.synthetic.min_items={s.min_items} must be <= max_items={s.max_items}")
+        if s.max_changed >= s.min_items:
+            raise ConfigError(f"data.synthetic.max_changed={s.max_changed} must be < min_items={s.min_items}")
+    elif d.path is None:
+        raise ConfigError(f"data.path is required for data.format={d.format}: a file, a directory or a hub name")
+    if cfg.model.name_or_path is None and cfg.model.config is None:
+        raise ConfigError("model.name_or_path or model.config must be set (a model to load or one to build)")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
+        raise ConfigError("model.tokenizer is required when the model is built from model.config (e.g. byte)")
+
+
+def describe_omegaconf_error(e: OmegaConfBaseException) -> str:
+    """One line for an OmegaConf error: the full key, the value and what the schema allows there."""
+    full_key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        parent, _, leaf = str(full_key).rpartition(".")
+        known = _schema_keys(parent)
+        hint = f"; {parent or 'the top level'} has: {', '.join(known)}" if known else ""
+        return f"unknown key '{full_key}'{hint}"
+    if isinstance(e, MissingMandatoryValue):
+        return f"{full_key} has no value: set it, e.g. {full_key}=..."
+    if isinstance(e, ValidationError):
+        expected = _schema_type(str(full_key))
+        return f"{full_key}={getattr(e, 'value', '?')!r} is not allowed: expected {expected}"
+    return f"{full_key}: {getattr(e, 'msg', str(e))}".splitlines()[0]
+
+
+def _schema_field(path: str) -> dataclasses.Field | None:
+    schema: Any = TrainConfig
+    found = None
+    for part in path.split("."):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        found = fields.get(part)
+        if found is None:
+            return None
+        schema = _nested_schema(found) or found.type
+    return found
+
+
+def _schema_keys(path: str) -> List[str]:
+    if not path:
+        return [f.name for f in dataclasses.fields(TrainConfig)]
+    f = _schema_field(path)
+    nested = _nested_schema(f) if f else None
+    return [g.name for g in dataclasses.fields(nested)] if nested else []
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _schema_type(path: str) -> str:
+    f = _schema_field(path)
+    if f is None:
+        return "a value of the right type"
+    text = str(f.type)
+    optional = text.startswith("Optional[")
+    base = text.removeprefix("Optional[").removesuffix("]")
+    word = _TYPE_WORDS.get(base, base)
+    return word + (" or null" if optional else "")

@@ -1,0 +1,66 @@
+"""From the `data` config to tokenized training and held-out pairs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..errors import DataError
+from .examples import TokenizedPair
+from .prepare import PrepareReport, prepare
+from .readers import read_rows
+from .synthetic import synthetic_rows
+
+
+@dataclass
+class Splits:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    reports: dict[str, PrepareReport] = field(default_factory=dict)  # "train" / "eval" -> what was read
+
+
+def load_splits(cfg: DictConfig, tokenizer, seed: int) -> Splits:
+    """Read, check and tokenize the training data and the held-out split that `cfg` (the data group) names.
+
+    The held-out split is `eval_path`/`eval_split` when either is set, otherwise `eval_size` pairs held out
+    from the training data by a seeded shuffle (so a file sorted by topic still gives a fair sample).
+    """
+    options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                   on_bad_row=cfg.on_bad_row)
+    if cfg.format == "synthetic":
+        s = cfg.synthetic
+        rows = synthetic_rows(s.num_train + cfg.eval_size, seed, min_items=s.min_items, max_items=s.max_items,
+                              max_changed=s.max_changed, name="synthetic")
+        pairs, report = prepare(rows, "conversational", tokenizer, max_rows=cfg.max_rows, **options)
+    else:
+        pairs, report = prepare(read_rows(cfg.path, cfg.split), cfg.format, tokenizer,
+                                max_rows=cfg.max_rows, **options)
+    reports = {"train": report}
+
+    if cfg.eval_path is None and cfg.eval_split is None:
+        if cfg.eval_size == 0:
+            return Splits(pairs, [], reports)
+        if cfg.eval_size >= len(pairs):
+            raise DataError(
+                f"data.eval_size={cfg.eval_size} leaves no training pairs: only {len(pairs)} usable pairs were "
+                f"read; lower data.eval_size or give a held-out set with data.eval_path"
+            )
+        order = list(range(len(pairs)))
+        random.Random(seed).shuffle(order)
+        held_out = set(order[: cfg.eval_size])
+        train = [p for i, p in enumerate(pairs) if i not in held_out]
+        held = [pairs[i] for i in sorted(held_out)]
+        return Splits(train, held, reports)
+
+    eval_source = cfg.eval_path or cfg.path
+    if cfg.eval_path is None and Path(eval_source).is_file():
+        raise DataError(
+            f"data.eval_split={cfg.eval_split} needs a dataset with splits, but data.path={cfg.path} is a file: "
+            f"set data.eval_path to a held-out file, or data.eval_split=null to hold out data.eval_size rows"
+        )
+    eval_pairs, reports["eval"] = prepare(read_rows(eval_source, cfg.eval_split), cfg.format, tokenizer,
+                                          **options)
+    return Splits(pairs, eval_pairs, reports)

@@ -1,0 +1,39 @@
+"""The synthetic critical-token task of the offline demo, generated in code.
+
+The user asks for a list of letters to be copied. The chosen reply copies it; the rejected reply is the
+same list with 1..max_changed items replaced by letters that are not in the list. Everything else in the
+two replies is identical, so the preference hinges on a few critical tokens: exactly the situation
+token-importance weighting is meant for. Rows come out in the conversational format and go through the
+same chat-template path as real data.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Iterator
+
+LETTERS = string.ascii_lowercase
+
+
+def make_pair(rng: random.Random, min_items: int, max_items: int, max_changed: int) -> dict:
+    """One conversational preference row: {"prompt": [user], "chosen": [assistant], "rejected": [assistant]}."""
+    n = rng.randint(min_items, max_items)
+    items = rng.sample(LETTERS, n)
+    outsiders = [c for c in LETTERS if c not in items]
+    corrupted = list(items)
+    for position in rng.sample(range(n), rng.randint(1, max_changed)):
+        corrupted[position] = rng.choice(outsiders)
+    return {
+        "prompt": [{"role": "user", "content": "Copy: " + " ".join(items)}],
+        "chosen": [{"role": "assistant", "content": " ".join(items)}],
+        "rejected": [{"role": "assistant", "content": " ".join(corrupted)}],
+    }
+
+
+def synthetic_rows(num_rows: int, seed: int, *, min_items: int, max_items: int,
+                   max_changed: int, name: str) -> Iterator[tuple[str, dict]]:
+    """`num_rows` rows as (where, row), reproducible from `seed`; `name` labels them ("synthetic/train")."""
+    rng = random.Random(seed)
+    for index in range(num_rows):
+        yield f"{name}:{index}", make_pair(rng, min_items, max_items, max_changed)

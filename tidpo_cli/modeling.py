@@ -1,0 +1,79 @@
+"""Tokenizer, policy and reference loading: a tiny Llama built from config, or any HF causal LM."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from .errors import UserError
+from .tokenizer import build_byte_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_cfg: DictConfig):
+    """The byte-level tokenizer (`tokenizer: byte`) or a pretrained one; always with a pad token."""
+    source = model_cfg.tokenizer or model_cfg.name_or_path
+    if source == "byte":
+        return build_byte_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(_load_failure("tokenizer", source, e)) from None
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out everywhere; reusing EOS is safe and avoids resizing the embeddings.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
+    """The trainable policy: built from `model.config` (random init, seeded by the caller) or loaded."""
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.name_or_path is None:
+        return build_tiny_llama(OmegaConf.to_container(model_cfg.config), tokenizer, dtype,
+                                model_cfg.attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(_load_failure("model", model_cfg.name_or_path, e)) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_tiny_llama(config: dict, tokenizer, dtype: torch.dtype = torch.float32,
+                     attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """A randomly initialised Llama sized by `config` (LlamaConfig fields), its vocab matched to `tokenizer`."""
+    llama_config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config,
+    )
+    llama_config._attn_implementation = attn_implementation
+    model = LlamaForCausalLM(llama_config).to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The reference model: the starting policy, frozen, in eval mode."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _load_failure(what: str, source: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).exists():
+        return f"{what} path '{source}' does not exist: check model.name_or_path (or model.tokenizer)"
+    return (f"cannot load {what} '{source}': {first} (offline machines need a local copy: "
+            f"model.name_or_path=/path/to/model)")

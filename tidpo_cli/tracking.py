@@ -1,0 +1,119 @@
+"""Where metrics go: metrics.jsonl (always), and a progress display on the console."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("tidpo")
+
+
+class MetricSums:
+    """Weighted sums of metrics over micro-batches (or eval batches), averaged once at the end."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, sums: dict[str, float], count: float) -> None:
+        """`sums` hold totals over `count` items (pairs or tokens) of one batch."""
+        for name, value in sums.items():
+            self.sums[name] += float(value)
+            self.counts[name] += count
+
+    def merge(self, other: "MetricSums") -> None:
+        for name, value in other.sums.items():
+            self.sums[name] += value
+            self.counts[name] += other.counts[name]
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k]}
+
+
+class JsonlSink:
+    """One JSON object per logged step, appended and flushed at once so a killed run keeps its history."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """A live bar on a terminal, plain lines every `print_every` steps elsewhere (SLURM logs, pipes)."""
+
+    def __init__(self, total_steps: int, mode: str, print_every: int):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode, self.total, self.print_every = mode, total_steps, print_every
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True) if mode == "bar" else None
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        loss, acc, speed = metrics.get("loss"), metrics.get("rewards/accuracies"), metrics.get("perf/samples_per_s")
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}"}
+            if acc is not None:
+                postfix["acc"] = f"{acc:.2f}"
+            postfix["samples/s"] = f"{speed:.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.mode == "plain" and (step % self.print_every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / step * (self.total - step)
+            parts = [f"step {step}/{self.total}", f"loss {loss:.4f}"]
+            if acc is not None:
+                parts.append(f"acc {acc:.2f}")
+            parts += [f"{speed:.1f} samples/s", f"eta {_fmt_duration(eta)}"]
+            log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Tracker:
+    """Every sink a step's metrics go to. Only rank 0 makes one."""
+
+    def __init__(self, run_dir: Path, logger_cfg, total_steps: int):
+        self.jsonl = JsonlSink(run_dir / "metrics.jsonl")
+        self.progress = Progress(total_steps, logger_cfg.progress, logger_cfg.print_every)
+        self.log_every = logger_cfg.log_every
+
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.log_every == 0 or step == self.progress.total:
+            self.jsonl.write(step, metrics)
+        self.progress.update(step, metrics)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(step, metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.count("/") <= 2)
+        if self.progress.bar is not None:
+            self.progress.bar.write(f"eval @ step {step}: {shown}")
+            log.debug("eval @ step %d: %s", step, shown)
+        else:
+            log.info("eval @ step %d: %s", step, shown)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.jsonl.close()
