@@ -40,10 +40,14 @@ def _train_job(cfg) -> float | None:
 
     from .config import validate
 
-    cfg = validate(cfg)  # bad values stop here, before any model loads
-    from .trainer import train  # torch and transformers load only for a real run
+    try:
+        cfg = validate(cfg)  # bad values stop here, before any model loads
+        from .trainer import train  # torch and transformers load only for a real run
 
-    metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as e:
+        # Exit here: an exception would make Hydra print its own "Error executing job" line first.
+        fail(str(e))
     # A number for Hydra sweepers that optimise: held-out loss when there is a held-out split.
     return metrics.get("eval/loss")
 

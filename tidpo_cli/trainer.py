@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import save_hf_model
 from .data.batches import BatchStream, eval_batches
@@ -88,6 +89,24 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig) -> tuple[t
     return losses.sum(), metrics
 
 
+def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg: DictConfig,
+                         autocast=nullcontext) -> MetricSums:
+    """Backward over the micro-batches of one optimizer step; returns their metric sums.
+
+    Each micro-batch's summed loss is divided by the items of the whole step (not of the micro-batch),
+    so the accumulated gradient is exactly that of one large batch, even when micro-batches hold
+    different numbers of response tokens.
+    """
+    items = sum(loss_items(b, loss_cfg.name) for b in micro_batches)
+    sums = MetricSums()
+    for batch in micro_batches:
+        with autocast():
+            loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg)
+        (loss_sum / items).backward()
+        sums.merge(metrics)
+    return sums
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -115,6 +134,7 @@ def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run the whole training job that `cfg` (validated) describes; write everything into `run_dir`."""
     t = cfg.trainer
+    hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
     seed_everything(cfg.seed)
     device = pick_device(t.device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" else nullcontext
@@ -150,15 +170,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     for step in range(1, steps + 1):
         started = time.perf_counter()
         micro_batches = [to_device(next(batches), device) for _ in range(t.grad_accum)]
-        # Every micro-batch's summed loss is divided by the items of the whole step, so accumulation
-        # gives exactly the update of one large batch.
-        items = sum(loss_items(b, cfg.loss.name) for b in micro_batches)
-        sums = MetricSums()
-        for batch in micro_batches:
-            with autocast():
-                loss_sum, metrics = batch_loss(policy, reference, batch, cfg.loss)
-            (loss_sum / items).backward()
-            sums.merge(metrics)
+        sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()

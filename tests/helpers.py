@@ -1,0 +1,36 @@
+"""Shared test helpers: compose configs like `tidpo train` does, and run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from tidpo_cli.cli import conf_dir
+from tidpo_cli.config import validate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+# A few seconds of training: small synthetic data, a handful of steps, no progress bar.
+QUICK = [
+    "data.synthetic.num_train=96", "data.eval_size=16", "trainer.max_steps=3", "trainer.micro_batch_size=8",
+    "trainer.eval_batch_size=16", "trainer.warmup_steps=1", "logger.progress=off",
+]
+
+
+def compose_config(overrides: list[str]):
+    """The validated config `tidpo train OVERRIDES` would run with."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return validate(compose(config_name="train", overrides=overrides))
+
+
+def run_tidpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`tidpo ARGS` in a fresh process, as a user types it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tidpo_cli.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,112 @@
+"""`tidpo train` as a Hydra application: help, --cfg job, and one clear line for every config mistake."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import REPO, compose_config, run_tidpo
+from tidpo_cli.config import TrainConfig
+from tidpo_cli.errors import ConfigError
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tidpo: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("loss.beta=-1", ["loss.beta", "> 0"]),
+    ("trainer.lr=abc", ["trainer.lr", "'abc'", "a number"]),
+    ("+trainer.foo=1", ["trainer.foo", "max_steps", "lr"]),
+    ("trainer.foo=1", ["trainer.foo"]),
+    ("trainer.optimizer=sgd", ["trainer.optimizer", "adamw", "rmsprop"]),
+    ("loss=nope", ["loss/nope", "dpo", "sft"]),
+    ("data.max_length=8", ["data.max_prompt_length", "data.max_length"]),
+    ("trainer.micro_batch_size=0", ["trainer.micro_batch_size", "> 0"]),
+])
+def test_config_mistakes_end_in_one_line_and_exit_2(tmp_path, override, needles):
+    result = run_tidpo(["train", override], cwd=tmp_path)
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("final"))
+
+
+def test_unknown_command_exits_2(tmp_path):
+    assert_one_line_error(run_tidpo(["trian"], cwd=tmp_path), "trian", "train")
+
+
+def test_cfg_job_prints_the_composed_config_and_loads_nothing(tmp_path):
+    result = run_tidpo(["train", "loss.beta=0.05", "model=llama3_8b", "--cfg", "job"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["loss"]["beta"] == 0.05
+    assert cfg["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert set(cfg) >= {"model", "data", "loss", "trainer", "logger", "seed"}
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    result = run_tidpo(["train", "--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    for text in ["model: ", "llama3_8b", "mistral_7b", "loss: ", "dpo", "sft", "experiment: demo", "Examples"]:
+        assert text in result.stdout
+
+
+def test_top_level_help_and_version(tmp_path):
+    assert run_tidpo(["--help"], cwd=tmp_path).stdout.startswith("usage: tidpo")
+    assert run_tidpo(["--version"], cwd=tmp_path).stdout.startswith("tidpo ")
+
+
+def test_every_option_of_every_group_composes_and_validates():
+    groups = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml") if p.stem != "base")
+              for g in ("model", "data", "loss", "trainer", "logger")}
+    for group, options in groups.items():
+        assert options, group
+        for option in options:
+            extra = ["data.path=x.jsonl"] if group == "data" and option == "preference" else []
+            cfg = compose_config([f"{group}={option}", *extra])
+            assert cfg[group] is not None
+
+
+def test_experiment_demo_is_the_default_run():
+    assert compose_config(["+experiment=demo"]) == compose_config([])
+
+
+def test_schema_and_conf_have_the_same_keys():
+    """Every schema key has a value in conf/ and every conf key is in the schema (no knob hides in code)."""
+    import dataclasses
+    cfg = compose_config([])
+    for section in ("model", "data", "loss", "trainer", "logger"):
+        schema = next(f.type for f in dataclasses.fields(TrainConfig) if f.name == section)
+        assert set(cfg[section].keys()) == {f.name for f in dataclasses.fields(eval(schema, vars(__import__("tidpo_cli.config", fromlist=["x"]))))}
+
+
+def test_config_error_is_raised_before_any_model_loads():
+    with pytest.raises(ConfigError, match="loss.label_smoothing"):
+        compose_config(["loss.label_smoothing=0.5"])
+
+
+def test_conf_tree_ships_inside_the_wheel(tmp_path):
+    """Built as a wheel and installed elsewhere, `tidpo train --cfg job` still finds conf/."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("tidpo-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    assert (target / "tidpo_cli" / "conf" / "train.yaml").is_file()
+    assert (target / "tidpo_cli" / "conf" / "model" / "tiny.yaml").is_file()
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "import tidpo_cli.cli as c; print(c.conf_dir()); c.main(['train', '--cfg', 'job'])",
+                             str(target)], cwd=run_dir, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert str(target) in result.stdout.splitlines()[0]
+    assert "hidden_size: 64" in result.stdout

@@ -1,0 +1,126 @@
+"""The training loop, run in-process on the tiny model: exact accumulation, repeatability, the run dir."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import QUICK, compose_config
+from tidpo_cli.data.collate import collate
+from tidpo_cli.data.splits import load_splits
+from tidpo_cli.modeling import frozen_copy, load_policy, load_tokenizer
+from tidpo_cli.trainer import accumulate_gradients, train
+
+
+def run(tmp_path, name, overrides):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    metrics = train(compose_config([*QUICK, *overrides]), run_dir)
+    return run_dir, metrics
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_grad_accumulation_gives_the_gradient_of_one_large_batch(loss):
+    cfg = compose_config([*QUICK, f"loss={loss}"])
+    tokenizer = load_tokenizer(cfg.model)
+    pairs = load_splits(cfg.data, tokenizer, seed=0).train[:8]
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model, tokenizer)
+    reference = frozen_copy(policy)
+    with torch.no_grad():  # make the policy differ from the reference so DPO's gradient is not trivial
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+    def grads(groups):
+        policy.zero_grad(set_to_none=True)
+        accumulate_gradients(policy, reference, [collate(g, tokenizer.pad_token_id) for g in groups], cfg.loss)
+        return [p.grad.clone() for p in policy.parameters()]
+
+    whole = grads([pairs])
+    # Uneven split: the micro-batches hold different numbers of pairs and of response tokens.
+    split = grads([pairs[:3], pairs[3:]])
+    assert max(g.abs().max().item() for g in whole) > 1e-3
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    a, _ = run(tmp_path, "a", [])
+    b, _ = run(tmp_path, "b", [])
+    c, _ = run(tmp_path, "c", ["seed=1"])
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
+    assert strip(rows(a)) == strip(rows(b))
+    assert strip(rows(a)) != strip(rows(c))
+
+
+def test_run_dir_metrics_use_trl_names_and_eval_prefix(tmp_path):
+    run_dir, after = run(tmp_path, "r", ["trainer.eval_every=2"])
+    logged = rows(run_dir)
+    train_rows = [r for r in logged if "loss" in r]
+    eval_rows = [r for r in logged if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert [r["step"] for r in eval_rows] == [0, 2, 3]
+    for name in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "perf/samples_per_s", "perf/tokens_per_s", "lr", "grad_norm"]:
+        assert name in train_rows[0], name
+    assert set(after) == {k for k in eval_rows[-1] if k != "step"}
+    # Before training the policy is the reference: every implicit reward is exactly zero.
+    assert eval_rows[0]["eval/rewards/margins"] == 0.0 and eval_rows[0]["eval/rewards/accuracies"] == 0.0
+
+
+def test_final_model_loads_with_from_pretrained_and_generates(tmp_path):
+    run_dir, _ = run(tmp_path, "r", [])
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Copy: a b c d"}], tokenize=False,
+                                           add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert list((run_dir / "final").glob("*.safetensors"))
+    assert not list((run_dir / "final").glob("*.bin"))
+
+
+def test_reference_stays_fixed_while_policy_moves(tmp_path):
+    run_dir, _ = run(tmp_path, "r", ["trainer.max_steps=4"])
+    logged = rows(run_dir)
+    train_rows = [r for r in logged if "loss" in r]
+    # The reward is beta * (policy - reference) log-ratio: it moves away from 0 only if the two differ.
+    assert train_rows[0]["rewards/margins"] == 0.0
+    assert train_rows[-1]["rewards/margins"] != 0.0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.precision=bf16"],
+    ["trainer.optimizer=rmsprop", "trainer.schedule=linear"],
+    ["trainer.gradient_checkpointing=true", "trainer.schedule=constant"],
+    ["loss=sft"],
+    ["trainer.max_steps=null", "trainer.epochs=0.25"],
+])
+def test_loop_options_train_to_finite_losses(tmp_path, overrides):
+    run_dir, after = run(tmp_path, "r", overrides)
+    train_rows = [r for r in rows(run_dir) if "loss" in r]
+    assert train_rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert torch.isfinite(torch.tensor(after["eval/loss"]))
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    # 96 + 16 synthetic rows, 16 held out -> 96 train pairs; micro 8 -> 12 batches an epoch; 0.5 epoch = 6
+    run_dir, _ = run(tmp_path, "r", ["trainer.max_steps=null", "trainer.epochs=0.5"])
+    assert [r["step"] for r in rows(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    plain, _ = run(tmp_path, "plain", [])
+    ckpt, _ = run(tmp_path, "ckpt", ["trainer.gradient_checkpointing=true"])
+    assert [r.get("loss") for r in rows(plain)] == pytest.approx([r.get("loss") for r in rows(ckpt)], abs=1e-5)

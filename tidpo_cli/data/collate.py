@@ -1,0 +1,60 @@
+"""Batches of tokenized pairs as padded tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from tidpo_cli.data.examples import TokenizedPair
+from tidpo_cli.losses import IGNORE_INDEX
+
+
+
+def _check(pairs: list[TokenizedPair], pad_id: int) -> None:
+    if not pairs:
+        raise ValueError("cannot collate an empty list of pairs")
+    if pad_id is None or isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an integer token id, got {pad_id!r} (does the tokenizer have a pad token?)")
+
+
+def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: B pairs -> 2B rows, right-padded to the longest row.
+
+    Returns
+      input_ids      [2B, T] long  prompt + response, then `pad_id`
+      attention_mask [2B, T] long  1 on prompt + response, 0 on padding
+      labels         [2B, T] long  input_ids on response tokens, -100 on prompt and padding (NOT shifted:
+                                   the training loop shifts)
+      prompt_lengths [2B]    long  prompt tokens in each row (row i and row B+i share a prompt)
+    """
+    _check(pairs, pad_id)
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    rows = len(sequences)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    prompt_lengths = torch.empty(rows, dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        start, end = len(prompt), len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :end] = 1
+        labels[row, start:end] = input_ids[row, start:end]
+        prompt_lengths[row] = start
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_lengths": prompt_lengths}
+
+
+def collate_prompts(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """The prompts alone, LEFT-padded so that generation continues every row from the same position.
+
+    Returns input_ids [B, Tp] long (`pad_id` on the left), attention_mask [B, Tp] long (1 on prompt tokens).
+    """
+    _check(pairs, pad_id)
+    width = max(len(p.prompt_ids) for p in pairs)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        length = len(pair.prompt_ids)
+        if length:
+            input_ids[row, width - length:] = torch.tensor(pair.prompt_ids, dtype=torch.long)
+            attention_mask[row, width - length:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

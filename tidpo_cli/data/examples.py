@@ -1,0 +1,43 @@
+"""The two record types that flow through the data pipeline, and the per-row error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair as text.
+
+    `prompt` is what the model is conditioned on (already chat-rendered for conversational data);
+    `chosen` and `rejected` are continuations of it. `where` names the source row: "path:row" (1-based
+    line for JSON lines, 0-based index otherwise) or "name[split]:index" for a `datasets` dataset.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+
+
+class BadRow(Exception):
+    """A row that cannot be used. `str(e)` is a short reason, e.g. "missing key 'rejected'".
+
+    Reasons are kept free of row contents so that a report can count them.
+    """
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """One preference pair as token ids, ready for collation.
+
+    `chosen_ids` / `rejected_ids` hold the response ids only (EOS appended exactly once, unless the
+    response was cut); the model input for a side is `prompt_ids + chosen_ids`. `truncated` is True when
+    the prompt or a response was cut to fit the length limits.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    where: str
+    truncated: bool

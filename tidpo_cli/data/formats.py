@@ -1,0 +1,262 @@
+"""Turning raw rows of the three supported layouts into `PreferenceExample`s.
+
+- `hh_rlhf`: `chosen` / `rejected` are whole dialogues "\\n\\nHuman: ...\\n\\nAssistant: ..."; the prompt is
+  the shared text up to and including the last "\\n\\nAssistant:".
+- `prompt_chosen_rejected`: three strings; responses that repeat the prompt have it stripped.
+- `conversational`: `chosen` / `rejected` are lists of {"role", "content"} messages, with an optional
+  `prompt` (a message list, or a string meaning one user message); rendered with the tokenizer's chat
+  template.
+
+A row that cannot be used raises `BadRow` with a short reason naming the key; a problem that makes the
+whole run impossible (no chat template) raises `DataError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidpo_cli.data.examples import BadRow, PreferenceExample
+from tidpo_cli.data.readers import json_kind
+from tidpo_cli.errors import DataError
+
+FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational")
+HH_ASSISTANT = "\n\nAssistant:"
+_MAX_KEYS_SHOWN = 8
+
+Message = dict[str, str]
+
+
+def detect_format(row: dict) -> str:
+    """The format of one row, from the types of its `prompt` / `chosen` / `rejected` values.
+
+    prompt + chosen + rejected strings -> prompt_chosen_rejected; chosen / rejected lists ->
+    conversational; chosen / rejected strings without a prompt -> hh_rlhf. Anything else raises
+    `BadRow` naming the keys found and the layouts expected.
+    """
+    if not isinstance(row, dict):
+        raise BadRow(f"row is {json_kind(row)}, expected an object")
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            return "hh_rlhf"
+        if isinstance(prompt, str):
+            return "prompt_chosen_rejected"
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return "conversational"
+    keys = sorted(map(str, row))
+    shown = ", ".join(repr(k) for k in keys[:_MAX_KEYS_SHOWN]) + (", ..." if len(keys) > _MAX_KEYS_SHOWN else "")
+    raise BadRow(
+        f"cannot detect the format from keys [{shown}]: expected 'chosen' and 'rejected' as dialogue "
+        "strings (hh_rlhf), with a 'prompt' string (prompt_chosen_rejected), or as message lists "
+        "(conversational)"
+    )
+
+
+def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExample:
+    """Convert one row of format `fmt` (one of `FORMATS`) into a `PreferenceExample`.
+
+    `tokenizer` is only used by the conversational format (its chat template). Raises `BadRow` for a
+    row that cannot be used, `DataError` for an unknown format or a tokenizer without a chat template.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)} or auto")
+    if fmt == "conversational":
+        _require_chat_template(tokenizer)
+    if not isinstance(row, dict):
+        raise BadRow(f"row is {json_kind(row)}, expected an object")
+    if fmt == "hh_rlhf":
+        prompt, chosen, rejected = _hh_rlhf(row)
+    elif fmt == "prompt_chosen_rejected":
+        prompt, chosen, rejected = _prompt_chosen_rejected(row)
+    else:
+        prompt, chosen, rejected = _conversational(row, tokenizer)
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+
+
+def _string(row: dict, key: str) -> str:
+    """`row[key]`, which must be a string."""
+    if key not in row:
+        raise BadRow(f"missing key {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow(f"{key!r} is {json_kind(value)}, expected a string")
+    return value
+
+
+def _check_texts(prompt: str, chosen: str, rejected: str, prompt_key: str = "prompt") -> None:
+    """Checks shared by every format, on the final prompt and response texts.
+
+    A whitespace-only response is allowed on purpose: an assistant turn that says nothing (" " after
+    "Assistant:") is a real choice in HH-RLHF's harmless data, and it still teaches "stop here" via EOS.
+    """
+    if not prompt.strip():
+        raise BadRow(f"empty {prompt_key!r}")
+    if not chosen:
+        raise BadRow("empty 'chosen' response")
+    if not rejected:
+        raise BadRow("empty 'rejected' response")
+    if chosen == rejected:
+        raise BadRow("'chosen' and 'rejected' responses are identical")
+
+
+def _hh_rlhf(row: dict) -> tuple[str, str, str]:
+    """Split two whole dialogues at the last "\\n\\nAssistant:" of `chosen` into prompt and responses.
+
+    The space that usually follows "Assistant:" stays at the start of each response, so that
+    prompt + response reproduces the original text exactly.
+    """
+    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise BadRow("no '\\n\\nAssistant:' turn in 'chosen'")
+    prompt = chosen[: cut + len(HH_ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise BadRow("chosen and rejected do not share a prompt")
+    chosen_response, rejected_response = chosen[len(prompt):], rejected[len(prompt):]
+    _check_texts(prompt, chosen_response, rejected_response, prompt_key="chosen")
+    return prompt, chosen_response, rejected_response
+
+
+def _prompt_chosen_rejected(row: dict) -> tuple[str, str, str]:
+    """Three strings; when both responses start with the prompt text (some datasets repeat it), strip it.
+
+    Both must repeat it: a short prompt like "Hi" that happens to start one response ("Hi there!") is a
+    coincidence, not a repetition.
+    """
+    prompt, chosen, rejected = _string(row, "prompt"), _string(row, "chosen"), _string(row, "rejected")
+    if prompt and chosen.startswith(prompt) and rejected.startswith(prompt):
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    _check_texts(prompt, chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def _require_chat_template(tokenizer: Any) -> None:
+    """Conversational data cannot be rendered at all without a chat template: a run-level error."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            "conversational data (message lists) needs a tokenizer with a chat template, and this one has "
+            "none; use a chat/instruct model's tokenizer, set tokenizer.chat_template, or convert the data "
+            "to prompt/chosen/rejected strings"
+        )
+
+
+def _messages(value: Any, key: str) -> list[Message]:
+    """A validated list of {"role", "content"} messages, reduced to those two keys."""
+    if not isinstance(value, list):
+        raise BadRow(f"{key!r} is {json_kind(value)}, expected a list of messages")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise BadRow(f"{key!r} message {index} is {json_kind(message)}, expected an object")
+        for field in ("role", "content"):
+            if field not in message:
+                raise BadRow(f"{key!r} message {index} has no {field!r}")
+            if not isinstance(message[field], str):
+                raise BadRow(f"{key!r} message {index} {field!r} is {json_kind(message[field])}, expected a string")
+        # Extra keys (names, ids) are dropped: prompt repetition is judged on role and content only.
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _prompt_messages(row: dict) -> list[Message] | None:
+    """The `prompt` key as messages: a string is one user message; absent or null means no prompt key."""
+    prompt = row.get("prompt")
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise BadRow("empty 'prompt'")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list):
+        raise BadRow(f"'prompt' is {json_kind(prompt)}, expected a string or a list of messages")
+    messages = _messages(prompt, "prompt")
+    if not any(message["content"].strip() for message in messages):
+        raise BadRow("empty 'prompt'")
+    return messages
+
+
+def _reply(messages: list[Message], prompt: list[Message], key: str) -> list[Message]:
+    """The reply part of a chosen/rejected list that holds the reply alone or repeats the prompt first."""
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    if not messages:
+        raise BadRow(f"{key!r} holds no reply")
+    for message in messages:
+        if message["role"] != "assistant":
+            raise BadRow(
+                f"{key!r} holds a {message['role']!r} message besides the prompt; expected only the "
+                "assistant reply, or the prompt messages repeated first"
+            )
+    return messages
+
+
+def _split_last_turn(messages: list[Message], key: str) -> tuple[list[Message], list[Message]]:
+    """(prompt, reply) for a message list without a separate prompt: the reply is the last message."""
+    if not messages:
+        raise BadRow(f"{key!r} is an empty message list")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow(f"the last message of {key!r} is not an assistant message")
+    return messages[:-1], messages[-1:]
+
+
+def _conversational(row: dict, tokenizer: Any) -> tuple[str, str, str]:
+    """Render the prompt messages and each reply with the chat template; responses are the extensions."""
+    if "chosen" not in row:
+        raise BadRow("missing key 'chosen'")
+    if "rejected" not in row:
+        raise BadRow("missing key 'rejected'")
+    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    prompt = _prompt_messages(row)
+    if prompt is None:
+        prompt, chosen_reply = _split_last_turn(chosen, "chosen")
+        rejected_prompt, rejected_reply = _split_last_turn(rejected, "rejected")
+        if prompt != rejected_prompt:
+            raise BadRow("chosen and rejected do not share a prompt")
+        if not prompt:
+            raise BadRow("no prompt: no 'prompt' key and 'chosen' holds only the reply")
+    else:
+        chosen_reply, rejected_reply = _reply(chosen, prompt, "chosen"), _reply(rejected, prompt, "rejected")
+    if not any(message["content"].strip() for message in prompt):
+        raise BadRow("empty 'prompt'")
+    for key, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
+        if not any(message["content"] for message in reply):
+            raise BadRow(f"empty {key!r} reply")
+    if chosen_reply == rejected_reply:
+        raise BadRow("'chosen' and 'rejected' responses are identical")
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    chosen_text = _response_text(tokenizer, prompt, prompt_text, chosen_reply)
+    rejected_text = _response_text(tokenizer, prompt, prompt_text, rejected_reply)
+    _check_texts(prompt_text, chosen_text, rejected_text)
+    return prompt_text, chosen_text, rejected_text
+
+
+def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
+    """The chat template's text for `messages`; a template that rejects them makes the row bad."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise BadRow(f"the chat template rejected the messages: {e}") from None
+    if not isinstance(text, str):
+        raise DataError(f"tokenizer.apply_chat_template(tokenize=False) returned {type(text).__name__}, not text")
+    return text
+
+
+def _response_text(tokenizer: Any, prompt: list[Message], prompt_text: str, reply: list[Message]) -> str:
+    """The text the model must produce after `prompt_text` to give `reply`.
+
+    Templates render a newline (or other whitespace) after the end-of-turn token; when that token is EOS
+    the response is cut there, so the model learns to stop at EOS rather than to emit whitespace after it.
+    """
+    full = _render(tokenizer, prompt + reply, add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise BadRow(
+            "the chat template does not extend the prompt: rendering prompt + reply does not start with "
+            "the rendered prompt (with generation prompt), so the response cannot be separated"
+        )
+    response = full[len(prompt_text):]
+    eos = getattr(tokenizer, "eos_token", None)
+    if isinstance(eos, str) and eos and response.rstrip().endswith(eos):
+        response = response.rstrip()
+    return response
