@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 log = logging.getLogger("tidpo")
 
+EVAL_HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+
 
 class MetricSums:
     """Weighted sums of metrics over micro-batches (or eval batches), averaged once at the end."""
@@ -107,7 +109,8 @@ class Tracker:
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write(step, metrics)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.count("/") <= 2)
+        # The console gets the headline numbers; metrics.jsonl has them all.
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items() if k in EVAL_HEADLINE)
         if self.progress.bar is not None:
             self.progress.bar.write(f"eval @ step {step}: {shown}")
             log.debug("eval @ step %d: %s", step, shown)

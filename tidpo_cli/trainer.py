@@ -143,6 +143,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     splits = load_splits(cfg.data, tokenizer, seed=cfg.seed)  # data problems surface before a big model loads
     for name, report in splits.reports.items():
         log.info("data (%s): %s", name, report.summary())
+        for line in report.first_skipped:
+            log.info("  skipped %s", line)
     log.info("pairs: %d train, %d held out", len(splits.train), len(splits.eval))
 
     policy = load_policy(cfg.model, tokenizer).to(device)
