@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from tidpo_cli.losses import IGNORE_INDEX, dpo_loss, response_mask, sft_loss, token_logps
+from tidpo_cli.losses import (
+    IGNORE_INDEX, dpo_loss, ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps,
+    triplet_loss, triplet_terms,
+)
 
 
 def test_dpo_loss_matches_hand_computed_values():
@@ -73,3 +76,75 @@ def test_sft_loss_is_the_summed_nll_of_masked_tokens():
     logps = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -9.0]])
     mask = torch.tensor([[False, True, True], [False, True, False]])
     assert sft_loss(logps, mask).item() == pytest.approx(3.5)
+
+
+def test_tdpo_by_hand_and_stop_gradient_on_the_chosen_kl():
+    # M_w = 2, M_l = 0.5, K_w = 0.3, K_l = 0.9, alpha = 0.5: z = 1.5 - 0.5 * (0.9 - 0.3) = 1.2
+    chosen_margin = torch.tensor([2.0], requires_grad=True)
+    chosen_kl = torch.tensor([0.3], requires_grad=True)
+    rejected_kl = torch.tensor([0.9], requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = tdpo_loss(chosen_margin, torch.tensor([0.5]), chosen_kl, rejected_kl,
+                                                         beta=0.1, alpha=0.5)
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.12)), abs=1e-7)
+    assert chosen_rewards.item() == pytest.approx(0.2) and rejected_rewards.item() == pytest.approx(0.05)
+    losses.sum().backward()
+    assert chosen_kl.grad is None  # sg[K(y_w)]
+    # d loss / d K_l = -sigmoid(-beta z) * beta * (-alpha)
+    assert rejected_kl.grad.item() == pytest.approx(0.1 * 0.5 / (1 + math.exp(0.12)), abs=1e-7)
+
+
+def test_tdpo_with_alpha_zero_is_the_paper_form():
+    torch.manual_seed(0)
+    mw, ml, kw, kl = torch.randn(4), torch.randn(4), torch.rand(4), torch.rand(4)
+    tdpo, _, _ = tdpo_loss(mw, ml, kw, kl, beta=0.1, alpha=0.0)
+    paper = -torch.nn.functional.logsigmoid(0.1 * (mw - ml))
+    assert torch.equal(tdpo, paper)
+    dpo, _, _ = dpo_loss(mw, ml, torch.zeros(4), torch.zeros(4), 0.1)
+    assert torch.equal(tdpo, dpo)
+
+
+def test_ipo_by_hand():
+    # z = 0.4 - (-0.2) = 0.6, beta 0.5 -> (0.6 - 1)^2 = 0.16
+    assert ipo_loss(torch.tensor([0.4]), torch.tensor([-0.2]), 0.5).item() == pytest.approx(0.16)
+
+
+def test_token_kl_matches_the_definition_and_is_aligned_with_labels():
+    torch.manual_seed(1)
+    ref, pol = torch.randn(1, 4, 5, dtype=torch.float64), torch.randn(1, 4, 5, dtype=torch.float64)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 2, 3]])
+    out = token_kl(ref, pol, labels)
+    assert out[0, :2].tolist() == [0.0, 0.0]
+    for t in (2, 3):
+        p = torch.softmax(ref[0, t - 1], -1)
+        q = torch.softmax(pol[0, t - 1], -1)
+        assert out[0, t].item() == pytest.approx(sum(p[v] * math.log(p[v] / q[v]) for v in range(5)).item(), abs=1e-12)
+
+
+def test_left_align_packs_masked_entries_in_order():
+    values = torch.tensor([[9.0, 1.0, 2.0, 0.0], [9.0, 9.0, 3.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0]], dtype=torch.bool)
+    aligned, aligned_mask = left_align(values, mask)
+    assert aligned_mask.tolist() == [[True, True], [True, False]]
+    assert aligned[0].tolist() == [1.0, 2.0] and aligned[1, 0].item() == 3.0
+
+
+def test_triplet_loss_by_hand_for_ragged_lengths():
+    # Pair 0: anchor 3 tokens, chosen 2, rejected 4 -> overlaps of 2 and 3 positions.
+    #   d_pos = (1-0)^2 + (2-1)^2 = 2 ; d_neg = (1-1)^2 + (2-0)^2 + (0.5-0.5)^2 = 4 ; hinge(2 - 4 + 0.5) = 0
+    # Pair 1: anchor 1 token, chosen 3, rejected 2 -> overlap 1 each.
+    #   d_pos = (2-(-1))^2 = 9 ; d_neg = (2-1.5)^2 = 0.25 ; hinge(9 - 0.25 + 0.5) = 9.25
+    anchor = torch.tensor([[1.0, 2.0, 0.5, 0.0], [2.0, 7.0, 7.0, 7.0]], requires_grad=True)
+    anchor_mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    chosen = torch.tensor([[0.0, 1.0, 5.0], [-1.0, 4.0, 4.0]])
+    chosen_mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    rejected = torch.tensor([[1.0, 0.0, 0.5, 3.0], [1.5, 8.0, 0.0, 0.0]])
+    rejected_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    loss = triplet_loss(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, margin=0.5)
+    assert loss.item() == pytest.approx((0 + 9.25) / 2)
+    terms = triplet_terms(anchor, anchor_mask, chosen, chosen_mask, rejected, rejected_mask, 0.5)
+    assert terms["dist_pos"].tolist() == pytest.approx([2.0, 9.0])
+    assert terms["dist_neg"].tolist() == pytest.approx([4.0, 0.25])
+    loss.backward()
+    # Only pair 1 is active: d/d anchor[1,0] = (2 (2 - (-1)) - 2 (2 - 1.5)) / 2 = 2.5 ; masked positions get 0
+    assert anchor.grad[1].tolist() == pytest.approx([2.5, 0.0, 0.0, 0.0])
+    assert anchor.grad[0].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0])

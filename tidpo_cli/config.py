@@ -40,6 +40,11 @@ def in_range(low: float, high: float) -> Check:
     return lambda v: None if low <= v < high else f"a number in [{low}, {high})"
 
 
+def closed(low: float, high: float) -> Check:
+    """low <= v <= high."""
+    return lambda v: None if low <= v <= high else f"a number in [{low}, {high}]"
+
+
 def key(check: Check | None = None, default: Any = MISSING) -> Any:
     """A schema field; `check` only runs on values that are not None."""
     return field(default=default, metadata={"check": check})
@@ -80,10 +85,40 @@ class DataConfig:
 
 
 @dataclass
+class ImportanceConfig:
+    mode: str = key(one_of("gradient", "uniform", "random"))
+    span: str = key(one_of("response", "prompt_response"))
+    prior: str = key(one_of("gaussian", "none"))
+    normalize: str = key(one_of("sum", "softmax"))
+    lam: float = key(closed(0.0, 1.0))
+    sigma_div: float = key(above(0))
+
+
+@dataclass
+class TripletConfig:
+    margin: float = key(at_least(0))
+
+
+@dataclass
+class AnchorConfig:
+    source: str = key(one_of("prompt", "chosen_prefix"))
+    max_new_tokens: int = key(above(0))
+    temperature: float = key(above(0))
+    top_k: int = key(at_least(0))
+    top_p: float = key(closed(0.0, 1.0))
+    prefix_fraction: float = key(in_range(0.0, 1.0))
+
+
+@dataclass
 class LossConfig:
-    name: str = key(one_of("sft", "dpo"))
+    name: str = key(one_of("sft", "dpo", "ipo", "tdpo", "tidpo"))
     beta: float = key(above(0))
     label_smoothing: float = key(in_range(0.0, 0.5))
+    alpha: float = key(at_least(0))
+    gamma: float = key(at_least(0))
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    triplet: TripletConfig = field(default_factory=TripletConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
 
 
 @dataclass
@@ -167,6 +202,15 @@ def _nested_schema(f: dataclasses.Field) -> type | None:
 
 
 def _check_relations(cfg: DictConfig) -> None:
+    loss = cfg.loss
+    if loss.alpha and loss.name not in ("tdpo", "tidpo"):
+        raise ConfigError(f"loss.alpha={loss.alpha} (the TDPO KL weight) applies to loss=tdpo or tidpo, "
+                          f"not loss.name={loss.name}: set loss.alpha=0 or pick one of those losses")
+    if loss.gamma and loss.name != "tidpo":
+        raise ConfigError(f"loss.gamma={loss.gamma} (the triplet weight) applies to loss=tidpo presets only, "
+                          f"not loss.name={loss.name}: set loss.gamma=0 or pick a tidpo preset")
+    if loss.label_smoothing and loss.name in ("sft", "ipo"):
+        raise ConfigError(f"loss.label_smoothing applies to sigmoid losses (dpo, tdpo, tidpo), not {loss.name}")
     d = cfg.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(

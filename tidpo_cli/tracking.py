@@ -18,11 +18,16 @@ EVAL_HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 class MetricSums:
-    """Weighted sums of metrics over micro-batches (or eval batches), averaged once at the end."""
+    """Weighted sums of metrics over micro-batches (or eval batches), averaged once at the end; and
+    totals (counts of events such as fallbacks) that are reported summed, not averaged."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def add_total(self, name: str, value: float) -> None:
+        self.totals[name] += float(value)
 
     def add(self, sums: dict[str, float], count: float) -> None:
         """`sums` hold totals over `count` items (pairs or tokens) of one batch."""
@@ -34,9 +39,13 @@ class MetricSums:
         for name, value in other.sums.items():
             self.sums[name] += value
             self.counts[name] += other.counts[name]
+        for name, value in other.totals.items():
+            self.totals[name] += value
 
     def means(self, prefix: str = "") -> dict[str, float]:
-        return {prefix + k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k]}
+        """Averages of the sums, and the totals as they are."""
+        means = {prefix + k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k]}
+        return {**means, **{prefix + k: v for k, v in self.totals.items()}}
 
 
 class JsonlSink:

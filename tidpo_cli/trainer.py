@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoint import save_hf_model
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
-from .losses import dpo_loss, response_mask, sft_loss, token_logps
+from .objective import TokenIds, batch_loss, loss_items
 from .modeling import frozen_copy, load_policy, load_tokenizer
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
@@ -38,59 +38,8 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sequence_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over every row of the batch -> (per-token log-probs [N, T], response mask [N, T])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return token_logps(logits, batch["labels"]), response_mask(batch["labels"])
-
-
-def chosen_rows(batch: Batch) -> Batch:
-    """The first half of a collated batch: the chosen responses."""
-    half = batch["input_ids"].shape[0] // 2
-    return {k: v[:half] for k, v in batch.items()}
-
-
-def loss_items(batch: Batch, loss_name: str) -> int:
-    """What one step's loss is averaged over: response tokens for SFT, pairs for preference losses."""
-    if loss_name == "sft":
-        return int(response_mask(chosen_rows(batch)["labels"]).sum())
-    return batch["input_ids"].shape[0] // 2
-
-
-def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig) -> tuple[torch.Tensor, MetricSums]:
-    """The loss of one micro-batch, summed over its items (see `loss_items`), and its metric sums."""
-    metrics = MetricSums()
-    if loss_cfg.name == "sft":
-        logps, mask = sequence_logps(policy, chosen_rows(batch))
-        loss_sum = sft_loss(logps, mask)
-        metrics.add({"loss": loss_sum.item()}, count=int(mask.sum()))
-        metrics.add({"logps/chosen": (logps * mask).sum().item()}, count=logps.shape[0])
-        return loss_sum, metrics
-
-    logps, mask = sequence_logps(policy, batch)
-    policy_seq = (logps * mask).sum(-1)
-    with torch.no_grad():
-        ref_logps, _ = sequence_logps(reference, batch)
-        ref_seq = (ref_logps * mask).sum(-1)
-    half = policy_seq.shape[0] // 2
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_seq[:half], policy_seq[half:], ref_seq[:half], ref_seq[half:],
-        beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
-    )
-    metrics.add({
-        "loss": losses.sum().item(),
-        "rewards/chosen": chosen_rewards.sum().item(),
-        "rewards/rejected": rejected_rewards.sum().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-        "logps/chosen": policy_seq[:half].sum().item(),
-        "logps/rejected": policy_seq[half:].sum().item(),
-    }, count=half)
-    return losses.sum(), metrics
-
-
-def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg: DictConfig,
-                         autocast=nullcontext) -> MetricSums:
+def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg: DictConfig, ids: TokenIds,
+                         *, seed: int, autocast=nullcontext) -> MetricSums:
     """Backward over the micro-batches of one optimizer step; returns their metric sums.
 
     Each micro-batch's summed loss is divided by the items of the whole step (not of the micro-batch),
@@ -99,9 +48,9 @@ def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg
     """
     items = sum(loss_items(b, loss_cfg.name) for b in micro_batches)
     sums = MetricSums()
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         with autocast():
-            loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg)
+            loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg, ids, seed=seed + index)
         (loss_sum / items).backward()
         sums.merge(metrics)
     return sums
@@ -112,14 +61,15 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, cfg: DictConfig, pad_id: int, device, autocast) -> dict[str, float]:
+def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, autocast) -> dict[str, float]:
     """Metrics of the held-out pairs, averaged over all of them, with an `eval/` prefix."""
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
-    for batch in eval_batches(pairs, cfg.trainer.eval_batch_size, pad_id):
+    for index, batch in enumerate(eval_batches(pairs, cfg.trainer.eval_batch_size, ids.pad)):
         with autocast():
-            _, metrics = batch_loss(policy, reference, to_device(batch, device), cfg.loss)
+            _, metrics = batch_loss(policy, reference, to_device(batch, device), cfg.loss, ids,
+                                    seed=cfg.seed + index, with_anchor=False)
         sums.merge(metrics)
     policy.train(was_training)
     return sums.means(prefix="eval/")
@@ -155,6 +105,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("model: %s, %.2fM parameters, on %s", cfg.model.name_or_path or "tiny Llama (random init)",
              sum(p.numel() for p in policy.parameters()) / 1e6, device)
 
+    ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
                          shuffle=cfg.data.shuffle)
     steps = total_steps(cfg, stream.batches_per_epoch)
@@ -163,7 +114,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tracker = Tracker(run_dir, cfg.logger, steps)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(policy, reference, splits.eval, cfg, tokenizer.pad_token_id, device, autocast)
+        metrics = evaluate(policy, reference, splits.eval, cfg, ids, device, autocast)
         tracker.log_eval(step, metrics)
         return metrics
 
@@ -172,7 +123,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     for step in range(1, steps + 1):
         started = time.perf_counter()
         micro_batches = [to_device(next(batches), device) for _ in range(t.grad_accum)]
-        sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, autocast)
+        # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
+        sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, ids,
+                                    seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum, autocast=autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm or float("inf"))
         optimizer.step()
         scheduler.step()

@@ -1,0 +1,102 @@
+"""Anchor sampling: reproducible, bounded by max_new_tokens and EOS, correct for ragged prompt batches."""
+
+import torch
+
+from tidpo_cli.anchors import anchor_batch, anchor_contexts, generate
+from tidpo_cli.data.collate import collate
+from tidpo_cli.data.examples import TokenizedPair
+from tidpo_cli.losses import IGNORE_INDEX
+from tidpo_cli.modeling import build_tiny_llama
+from tidpo_cli.tokenizer import build_byte_tokenizer
+
+TOKENIZER = build_byte_tokenizer()
+PAD, EOS = TOKENIZER.pad_token_id, TOKENIZER.eos_token_id
+CONTEXTS = [torch.tensor([257, 10, 11]), torch.tensor([257, 20, 21, 22, 23, 24, 25]), torch.tensor([257, 30, 31, 32, 33])]
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return build_tiny_llama({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2, "num_key_value_heads": 2}, TOKENIZER)
+
+
+def sample(m, seed, **kw):
+    options = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95, seed=seed)
+    return generate(m, CONTEXTS, **{**options, **kw})
+
+
+def test_sampling_is_reproducible_under_a_seed_and_leaves_the_global_rng_alone():
+    m = model()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = sample(m, seed=7)
+    assert torch.equal(torch.rand(1), expected_next)
+    b = sample(m, seed=7)
+    c = sample(m, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(len(x) != len(y) or not torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_max_new_tokens_and_eos_bound_every_anchor():
+    m = model()
+    for seed in range(4):
+        for row in sample(m, seed=seed, max_new_tokens=5):
+            assert 1 <= len(row) <= 5
+            eos_at = (row == EOS).nonzero()
+            if len(eos_at):  # ends at its first EOS, which it keeps
+                assert int(eos_at[0]) == len(row) - 1
+
+
+def test_a_model_that_says_eos_at_once_gives_one_token_anchors():
+    m = model()
+    boost = torch.zeros(len(TOKENIZER))
+    boost[EOS] = 1e4
+    m.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
+    assert [row.tolist() for row in sample(m, seed=0)] == [[EOS]] * 3
+
+
+def test_ragged_prompts_in_one_batch_match_each_prompt_alone():
+    """Left padding and positions are right: greedy (top_k=1) anchors of a batch equal those made one by one."""
+    m = model()
+    together = sample(m, seed=0, top_k=1)
+    for context, row in zip(CONTEXTS, together):
+        alone = generate(m, [context], pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=1.0, top_k=1,
+                         top_p=1.0, seed=0)[0]
+        assert torch.equal(row, alone)
+
+
+def test_generation_keeps_training_mode_and_needs_no_grad():
+    m = model()
+    m.train()
+    rows = sample(m, seed=0)
+    assert m.training and not any(r.requires_grad for r in rows)
+
+
+def pairs():
+    return [TokenizedPair([257, 1, 2], [5, 6, 7, EOS], [5, 9, EOS], "a", False),
+            TokenizedPair([257, 3], [8, 8, EOS], [8, 9, 9, 9, EOS], "b", False)]
+
+
+def test_anchor_contexts_prompt_and_chosen_prefix():
+    batch = collate(pairs(), PAD)
+    prompt = anchor_contexts(batch, "prompt", 0.5)
+    assert [c.tolist() for c in prompt] == [[257, 1, 2], [257, 3]]
+    prefix = anchor_contexts(batch, "chosen_prefix", 0.5)
+    assert [c.tolist() for c in prefix] == [[257, 1, 2, 5, 6], [257, 3, 8]]  # half of 4 and of 3 tokens
+
+
+def test_anchor_batch_labels_cover_the_anchor_response_only():
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"source": "prompt", "prefix_fraction": 0.5, "max_new_tokens": 6, "temperature": 1.0,
+                            "top_k": 0, "top_p": 1.0})
+    batch = collate(pairs(), PAD)
+    anchors = anchor_batch(batch, model(), cfg, pad_id=PAD, eos_id=EOS, max_length=32, seed=0)
+    assert anchors["input_ids"].shape[0] == 2
+    for i, prompt_len in enumerate([3, 2]):
+        labels, ids, mask = anchors["labels"][i], anchors["input_ids"][i], anchors["attention_mask"][i]
+        assert (labels[:prompt_len] == IGNORE_INDEX).all()
+        n = int(mask.sum())
+        assert 1 <= n - prompt_len <= 6
+        assert torch.equal(labels[prompt_len:n], ids[prompt_len:n])
+        assert (labels[n:] == IGNORE_INDEX).all()

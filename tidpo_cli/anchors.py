@@ -1,0 +1,94 @@
+"""Anchor responses for the triplet term (METHOD §3): sampled online from the current policy, no grad."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from .losses import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+def anchor_contexts(batch: Batch, source: str, prefix_fraction: float) -> list[torch.Tensor]:
+    """What each anchor is generated from, one 1-D id tensor per pair: the prompt (`source: prompt`), or
+    the prompt and the first `prefix_fraction` of the chosen response (`source: chosen_prefix`).
+
+    `batch` is a collated preference batch: chosen rows first, `prompt_lengths` per row.
+    """
+    pairs = batch["input_ids"].shape[0] // 2
+    contexts = []
+    for i in range(pairs):
+        start = int(batch["prompt_lengths"][i])
+        end = start
+        if source == "chosen_prefix":
+            response = int((batch["labels"][i] != IGNORE_INDEX).sum())
+            end = start + int(prefix_fraction * response)
+        elif source != "prompt":
+            raise ValueError(f"anchor.source must be prompt or chosen_prefix, got {source!r}")
+        contexts.append(batch["input_ids"][i, :end])
+    return contexts
+
+
+def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, P] and attention mask [B, P], the layout batched generation needs."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=sequences[0].device)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, max_new_tokens: int,
+             temperature: float, top_k: int, top_p: float, seed: int) -> list[torch.Tensor]:
+    """Sample one continuation per context with the KV cache; each ends at its first EOS (kept) or
+    after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible:
+    the sampling RNG is seeded from `seed` without disturbing the global RNG."""
+    ids, mask = left_pad(contexts, pad_id)
+    was_training = model.training
+    model.eval()
+    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
+                top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                use_cache=True,
+            )
+    finally:
+        model.train(was_training)
+    continuations = []
+    for row in out[:, ids.shape[1]:]:
+        ends = (row == eos_id).nonzero()
+        continuations.append(row[: int(ends[0]) + 1] if len(ends) else row)
+    return continuations
+
+
+def anchor_batch(batch: Batch, model, anchor_cfg: DictConfig, *, pad_id: int, eos_id: int, max_length: int,
+                 seed: int) -> Batch:
+    """Generate one anchor per pair and collate them like training rows (right-padded, labels on the
+    anchor response: for `chosen_prefix` that is the copied prefix and the sampled rest)."""
+    contexts = anchor_contexts(batch, anchor_cfg.source, anchor_cfg.prefix_fraction)
+    room = max_length - max(len(c) for c in contexts)  # an anchor is no longer than a training row
+    sampled = generate(model, contexts, pad_id=pad_id, eos_id=eos_id,
+                       max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
+                       temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
+                       seed=seed)
+    pairs = len(contexts)
+    rows = [torch.cat([contexts[i], sampled[i]]) for i in range(pairs)]
+    prompt_lengths = [int(batch["prompt_lengths"][i]) for i in range(pairs)]
+    width = max(len(r) for r in rows)
+    device = batch["input_ids"].device
+    input_ids = torch.full((pairs, width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+        labels[i, prompt_lengths[i]:len(row)] = row[prompt_lengths[i]:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_lengths": torch.tensor(prompt_lengths, device=device)}

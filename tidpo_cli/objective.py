@@ -1,0 +1,130 @@
+"""What one micro-batch costs: importance pass -> policy forward -> reference forward -> anchor -> loss.
+
+The maths is in losses.py and importance.py; this module only wires models and batches to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from .anchors import anchor_batch
+from .importance import importance_pass, weight_stats
+from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
+from .tracking import MetricSums
+
+Batch = dict[str, torch.Tensor]
+
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """What the objective needs of the tokenizer and data config (anchors are generated and padded)."""
+    pad: int
+    eos: int
+    max_length: int
+
+
+def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over every row -> (logits [N, T, V], per-token log-probs [N, T], response mask [N, T])."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return logits, token_logps(logits, batch["labels"]), response_mask(batch["labels"])
+
+
+def chosen_rows(batch: Batch) -> Batch:
+    """The first half of a collated batch: the chosen responses."""
+    half = batch["input_ids"].shape[0] // 2
+    return {k: v[:half] for k, v in batch.items()}
+
+
+def loss_items(batch: Batch, loss_name: str) -> int:
+    """What one step's loss is averaged over: response tokens for SFT, pairs for preference losses."""
+    if loss_name == "sft":
+        return int(response_mask(chosen_rows(batch)["labels"]).sum())
+    return batch["input_ids"].shape[0] // 2
+
+
+def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: TokenIds, *, seed: int,
+               with_anchor: bool = True) -> tuple[torch.Tensor, MetricSums]:
+    """The loss of one micro-batch summed over its items (see `loss_items`), and its metric sums.
+
+    `seed` drives the random parts (anchor sampling, random importance) so a step can be replayed.
+    `with_anchor=False` leaves the triplet term out (evaluation: no sampling on held-out data).
+    """
+    if loss_cfg.name == "sft":
+        return _sft(policy, batch)
+    metrics = MetricSums()
+    half = batch["input_ids"].shape[0] // 2
+
+    weights = None
+    if loss_cfg.name == "tidpo":
+        span = response_mask(batch["labels"]) if loss_cfg.importance.span == "response" else batch["attention_mask"]
+        imp = loss_cfg.importance
+        result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
+                                 lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior, normalize=imp.normalize,
+                                 generator=torch.Generator().manual_seed(seed))
+        weights = result.weights
+        metrics.add(weight_stats(weights, span), count=2 * half)
+        metrics.add_total("importance/fallbacks", result.fallbacks)
+
+    logits, logps, mask = forward(policy, batch)
+    with torch.no_grad():
+        ref_logits, ref_logps, _ = forward(reference, batch)
+    ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T]
+    margins = (ratios * weights).sum(-1) if weights is not None else ratios.sum(-1)  # M(y) [N]
+
+    if loss_cfg.name == "ipo":
+        per_token = margins / mask.sum(-1).clamp(min=1)
+        losses = ipo_loss(per_token[:half], per_token[half:], loss_cfg.beta)
+        chosen_rewards, rejected_rewards = loss_cfg.beta * margins[:half].detach(), loss_cfg.beta * margins[half:].detach()
+    else:
+        alpha = loss_cfg.alpha if loss_cfg.name in ("tdpo", "tidpo") else 0.0
+        kl = token_kl(ref_logits, logits, batch["labels"]).sum(-1) if alpha else torch.zeros_like(margins)
+        losses, chosen_rewards, rejected_rewards = tdpo_loss(
+            margins[:half], margins[half:], kl[:half], kl[half:], beta=loss_cfg.beta, alpha=alpha,
+            label_smoothing=loss_cfg.label_smoothing)
+        if alpha:
+            metrics.add({"kl/chosen": kl[:half].sum().item(), "kl/rejected": kl[half:].sum().item()}, count=half)
+    del ref_logits
+    loss_sum = losses.sum()
+
+    if loss_cfg.name == "tidpo" and loss_cfg.gamma and with_anchor:
+        anchors = anchor_batch(batch, policy, loss_cfg.anchor, pad_id=ids.pad, eos_id=ids.eos,
+                               max_length=ids.max_length, seed=seed)
+        _, anchor_logps, anchor_mask = forward(policy, anchors)
+        with torch.no_grad():
+            _, anchor_ref_logps, _ = forward(reference, anchors)
+        d, d_mask = left_align(anchor_logps - anchor_ref_logps, anchor_mask)
+        b, b_mask = left_align(ratios[:half], mask[:half])
+        c, c_mask = left_align(ratios[half:], mask[half:])
+        terms = triplet_terms(d, d_mask, b, b_mask, c, c_mask, loss_cfg.triplet.margin)
+        loss_sum = loss_sum + loss_cfg.gamma * terms["loss"].sum()
+        metrics.add({
+            "triplet/loss": terms["loss"].sum().item(),
+            "triplet/dist_pos": terms["dist_pos"].sum().item(),
+            "triplet/dist_neg": terms["dist_neg"].sum().item(),
+            "triplet/active_frac": (terms["loss"] > 0).float().sum().item(),
+            "anchor/length": float(anchor_mask.sum()),
+        }, count=half)
+
+    metrics.add({
+        "loss": loss_sum.item(),
+        "rewards/chosen": chosen_rewards.sum().item(),
+        "rewards/rejected": rejected_rewards.sum().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
+        "logps/chosen": (logps[:half] * mask[:half]).sum().item(),
+        "logps/rejected": (logps[half:] * mask[half:]).sum().item(),
+    }, count=half)
+    return loss_sum, metrics
+
+
+def _sft(policy, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
+    metrics = MetricSums()
+    _, logps, mask = forward(policy, chosen_rows(batch))
+    loss_sum = sft_loss(logps, mask)
+    metrics.add({"loss": loss_sum.item()}, count=int(mask.sum()))
+    metrics.add({"logps/chosen": (logps * mask).sum().item()}, count=logps.shape[0])
+    return loss_sum, metrics
