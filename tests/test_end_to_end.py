@@ -12,7 +12,8 @@ from tidpo_cli.tokenizer import build_byte_tokenizer
 
 
 def test_demo_learns_the_held_out_task(tmp_path):
-    """`tidpo train` with no overrides: held-out reward accuracy goes from 0 to at least 0.75."""
+    """`tidpo train` with no overrides is TI-DPO (importance weights + triplet loss with online anchors) on the
+    synthetic task: held-out reward accuracy goes from 0 to at least 0.75."""
     result = run_tidpo(["train"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     found = re.search(r"held-out rewards/accuracies: ([0-9.]+) -> ([0-9.]+)", result.stdout)
@@ -25,6 +26,12 @@ def test_demo_learns_the_held_out_task(tmp_path):
     for name in [".hydra/config.yaml", "metrics.jsonl", "train.log", "final/model.safetensors",
                  "final/config.json", "final/tokenizer.json"]:
         assert (run_dir / name).exists(), name
+    assert "name: tidpo" in (run_dir / ".hydra" / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_train_row = [r for r in rows if "loss" in r][-1]
+    for name in ["importance/entropy", "importance/max", "importance/fallbacks", "triplet/loss",
+                 "triplet/active_frac", "anchor/length", "rewards/accuracies"]:
+        assert name in last_train_row, name
     log_text = (run_dir / "train.log").read_text()
     assert "held-out rewards/accuracies" in log_text
     # A non-terminal gets plain progress lines with step, loss, accuracy, samples/s and ETA.

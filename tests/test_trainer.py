@@ -11,6 +11,7 @@ from helpers import QUICK, compose_config
 from tidpo_cli.data.collate import collate
 from tidpo_cli.data.splits import load_splits
 from tidpo_cli.modeling import frozen_copy, load_policy, load_tokenizer
+from tidpo_cli.objective import TokenIds
 from tidpo_cli.trainer import accumulate_gradients, train
 
 
@@ -29,21 +30,24 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss", ["dpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "sft", "tidpo_no_triplet"])
 def test_grad_accumulation_gives_the_gradient_of_one_large_batch(loss):
+    """Also for TI-DPO: its importance pass between micro-batches must leave the accumulated gradient alone."""
     cfg = compose_config([*QUICK, f"loss={loss}"])
     tokenizer = load_tokenizer(cfg.model)
     pairs = load_splits(cfg.data, tokenizer, seed=0).train[:8]
     torch.manual_seed(0)
     policy = load_policy(cfg.model, tokenizer)
     reference = frozen_copy(policy)
+    ids = TokenIds(tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.data.max_length)
     with torch.no_grad():  # make the policy differ from the reference so DPO's gradient is not trivial
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
 
     def grads(groups):
         policy.zero_grad(set_to_none=True)
-        accumulate_gradients(policy, reference, [collate(g, tokenizer.pad_token_id) for g in groups], cfg.loss)
+        accumulate_gradients(policy, reference, [collate(g, tokenizer.pad_token_id) for g in groups], cfg.loss,
+                             ids, seed=0)
         return [p.grad.clone() for p in policy.parameters()]
 
     whole = grads([pairs])

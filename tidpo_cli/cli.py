@@ -14,7 +14,7 @@ USAGE = """usage: tidpo COMMAND [ARGS]
 commands:
   train    fine-tune a model (Hydra: tidpo train [GROUP=OPTION] [KEY=VALUE] [-m] [--cfg job] [--help])
 
-With no arguments `tidpo train` runs the offline demo: a tiny Llama learns the synthetic task with DPO.
+With no arguments `tidpo train` runs the offline demo: a tiny Llama learns the synthetic task with TI-DPO.
 `tidpo train --help` lists the config groups and every key.
 """
 
