@@ -140,6 +140,10 @@ class TrainerConfig:
     eval_batch_size: int = key(above(0))
     device: str = key(one_of("auto", "cpu", "cuda"))
     save_final: bool = key()
+    save_every: int = key(at_least(0))
+    keep_last: Optional[int] = key(above(0))
+    resume: str = key(lambda v: None if v.strip() else "auto, never, or a checkpoint directory")
+    max_bad_steps: int = key(above(0))
 
 
 @dataclass

@@ -59,6 +59,28 @@ class JsonlSink:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (by a run killed after its last checkpoint), so a resumed run's
+        history has every step once."""
+        self.file.close()
+        rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def logged(self, step: int) -> dict[str, float]:
+        """The metrics already logged for `step`, merged (the eval before training is step 0)."""
+        self.file.flush()
+        merged: dict[str, float] = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.pop("step") == step:
+                    merged.update(row)
+        return merged
+
     def close(self) -> None:
         self.file.close()
 
@@ -77,7 +99,7 @@ class Progress:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "plain"
         self.mode, self.total, self.print_every = mode, total_steps, print_every
-        self.start = time.perf_counter()
+        self.start, self.start_step = time.perf_counter(), 0
         self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True) if mode == "bar" else None
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
@@ -91,7 +113,7 @@ class Progress:
             self.bar.update(step - self.bar.n)
         elif self.mode == "plain" and (step % self.print_every == 0 or step == self.total):
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(1, step - self.start_step) * (self.total - step)
             parts = [f"step {step}/{self.total}", f"loss {loss:.4f}"]
             if acc is not None:
                 parts.append(f"acc {acc:.2f}")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import DictConfig
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import save_hf_model
+from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
+from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .objective import TokenIds, batch_loss, loss_items
@@ -24,6 +28,27 @@ from .tracking import MetricSums, Tracker
 log = logging.getLogger("tidpo")
 
 Batch = dict[str, torch.Tensor]
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (sysexits' EX_TEMPFAIL:
+# "try again"): scripts/slurm requeue the job on it, and the next start resumes.
+PREEMPTED_EXIT_CODE = 75
+
+
+class StopSignals:
+    """Remembers a SIGTERM or SIGUSR1 (SLURM preemption) so the loop can stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,6 +109,7 @@ def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run the whole training job that `cfg` (validated) describes; write everything into `run_dir`."""
     t = cfg.trainer
+    run_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
     seed_everything(cfg.seed)
     device = pick_device(t.device)
@@ -118,39 +144,91 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         tracker.log_eval(step, metrics)
         return metrics
 
-    before = run_eval(0) if splits.eval and t.eval_before else {}
+    state = TrainState(step=0, epoch=0, position=0)
+    checkpoint = find_resume_checkpoint(run_dir, t.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy, optimizer, scheduler)
+        stream.epoch, stream.position = state.epoch, state.position
+        tracker.jsonl.truncate_after(state.step)  # rows a killed run logged after this checkpoint
+        tracker.progress.start_step = state.step
+        log.info("resumed from %s (step %d of %d)", checkpoint, state.step, steps)
+
+    def checkpoint_now() -> None:
+        state.epoch, state.position = stream.epoch, stream.position
+        path = save_checkpoint(run_dir, state, policy, optimizer, scheduler, cfg, t.keep_last)
+        log.info("checkpoint: %s", path)
+
+    if state.step == 0:
+        before = run_eval(0) if splits.eval and t.eval_before else {}
+    else:
+        before = tracker.jsonl.logged(0)
+    signals = StopSignals()
     batches = iter(stream)
-    for step in range(1, steps + 1):
-        started = time.perf_counter()
-        micro_batches = [to_device(next(batches), device) for _ in range(t.grad_accum)]
-        # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
-        sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, ids,
-                                    seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum, autocast=autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        while state.step < steps:
+            step = state.step + 1
+            started = time.perf_counter()
+            micro_batches = [to_device(next(batches), device) for _ in range(t.grad_accum)]
+            # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
+            sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, ids,
+                                        seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum, autocast=autocast)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm or float("inf"))
+            metrics = sums.means()
+            if math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm)):
+                optimizer.step()
+                scheduler.step()
+                state.bad_steps = 0
+            else:  # skip the update, keep the weights: one bad batch must not poison the run
+                state.bad_steps += 1
+                state.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped",
+                            step, metrics["loss"], float(grad_norm))
+                if state.bad_steps >= t.max_bad_steps:
+                    newest = find_resume_checkpoint(run_dir, "auto")
+                    raise UserError(
+                        f"stopped at step {step}: {state.bad_steps} steps in a row had a non-finite loss or "
+                        f"gradient (trainer.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
+                        f"{newest or 'none'}. Try a lower trainer.lr, trainer.max_grad_norm, or "
+                        f"trainer.precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
 
-        elapsed = time.perf_counter() - started
-        pairs = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        tracker.log_train(step, {
-            **sums.means(),
-            "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
-            "epoch": stream.epoch + stream.position / (stream.batches_per_epoch * t.micro_batch_size),
-            "perf/samples_per_s": pairs / elapsed,
-            "perf/tokens_per_s": tokens / elapsed,
-        })
-        if splits.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
-            run_eval(step)
+            elapsed = time.perf_counter() - started
+            pairs = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            tracker.log_train(step, {
+                **metrics,
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": stream.epoch + stream.position / (stream.batches_per_epoch * t.micro_batch_size),
+                "train/skipped_steps": state.skipped_steps,
+                "perf/samples_per_s": pairs / elapsed,
+                "perf/tokens_per_s": tokens / elapsed,
+                "perf/rss_mb": resident_mb(),
+            })
+            if splits.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
+                run_eval(step)
+            if t.save_every and step % t.save_every == 0 and step != steps:
+                checkpoint_now()
+            if signals.received is not None and step != steps:
+                checkpoint_now()
+                log.info("received %s: checkpoint saved at step %d; exiting with code %d so the job is "
+                         "requeued; the next start resumes", signal.Signals(signals.received).name, step,
+                         PREEMPTED_EXIT_CODE)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
 
-    after = run_eval(steps) if splits.eval else {}
-    tracker.close()
+        after = run_eval(steps) if splits.eval else {}
+    finally:
+        signals.restore()
+        tracker.close()
     if t.save_final:
         save_hf_model(policy, tokenizer, run_dir / "final")
     _summary(cfg, run_dir, before, after)
     return after
+
+
+def resident_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _summary(cfg: DictConfig, run_dir: Path, before: dict[str, float], after: dict[str, float]) -> None:
