@@ -181,3 +181,31 @@ def test_resume_never_and_a_bad_resume_path(tmp_path):
     assert again.returncode == 0 and "resumed from" not in again.stdout
     bad = run_tidpo(["train", *args, "trainer.resume=./nowhere"], cwd=tmp_path)
     assert bad.returncode == 2 and "trainer.resume=./nowhere" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
+    import random
+
+    import numpy as np
+
+    from tidpo_cli.checkpoint import TrainState, save_checkpoint
+    from tidpo_cli.modeling import load_policy, load_tokenizer
+    from tidpo_cli.schedule import build_optimizer, build_scheduler
+
+    cfg = compose_config([*QUICK, "loss=dpo"])
+    policy = load_policy(cfg.model, load_tokenizer(cfg.model))
+    optimizer = build_optimizer(policy, cfg.trainer)
+    scheduler = build_scheduler(optimizer, cfg.trainer, 10)
+    state = TrainState(step=7, epoch=1, position=24, bad_steps=1, skipped_steps=3)
+    path = save_checkpoint(tmp_path, state, policy, optimizer, scheduler, cfg, keep_last=None)
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()
+    restored = load_checkpoint(path, policy, optimizer, scheduler)
+    assert restored == state
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert any(p.abs().sum() > 0 for p in policy.parameters())
+    assert sorted(f.name for f in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt",
+                                                      "rng-rank0.json", "rng-rank0.safetensors", "scheduler.pt",
+                                                      "state.json"]

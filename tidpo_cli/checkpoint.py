@@ -119,8 +119,9 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     plain, tensors = rng_state()
-    save_file(tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state.__dict__, "rng": plain}))
+    save_file(tensors, str(tmp / f"rng-rank{_rank()}.safetensors"))
+    (tmp / f"rng-rank{_rank()}.json").write_text(json.dumps(plain))
+    (tmp / "state.json").write_text(json.dumps(state.__dict__))
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     _fsync_tree(tmp)
     _replace(tmp, final)
@@ -165,6 +166,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    saved = json.loads((path / "state.json").read_text())
-    set_rng_state(saved.pop("rng"), load_file(str(path / "rng.safetensors")))
-    return TrainState(**saved)
+    rank = _rank()
+    set_rng_state(json.loads((path / f"rng-rank{rank}.json").read_text()),
+                  load_file(str(path / f"rng-rank{rank}.safetensors")))
+    return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def _rank() -> int:
+    """This process's rank: each rank keeps its own RNG streams in a checkpoint."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
