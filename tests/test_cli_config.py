@@ -34,7 +34,7 @@ def assert_one_line_error(result, *needles):
 def test_config_mistakes_end_in_one_line_and_exit_2(tmp_path, override, needles):
     result = run_tidpo(["train", override], cwd=tmp_path)
     assert_one_line_error(result, *needles)
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("final"))
+    assert not (tmp_path / "runs").exists()  # the run dir Hydra made for a run that never started is gone
 
 
 def test_unknown_command_exits_2(tmp_path):
@@ -110,3 +110,11 @@ def test_conf_tree_ships_inside_the_wheel(tmp_path):
     assert result.returncode == 0, result.stderr
     assert str(target) in result.stdout.splitlines()[0]
     assert "hidden_size: 64" in result.stdout
+
+
+def test_config_changes_lists_differing_leaves():
+    from tidpo_cli.config import config_changes
+    old = compose_config([])
+    new = compose_config(["trainer.max_steps=900", "loss.beta=0.2", "trainer.resume=never"])
+    assert config_changes(old, new) == ["loss.beta: 0.1 -> 0.2", "trainer.max_steps: 800 -> 900"]
+    assert config_changes(old, old) == []

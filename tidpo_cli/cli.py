@@ -13,6 +13,8 @@ USAGE = """usage: tidpo COMMAND [ARGS]
 
 commands:
   train    fine-tune a model (Hydra: tidpo train [GROUP=OPTION] [KEY=VALUE] [-m] [--cfg job] [--help])
+  explain  show which tokens TI-DPO weighs: tidpo explain MODEL_OR_RUN_DIR --prompt P --response R [--rejected R2]
+           or --data FILE --rows 0:8; writes explain.html, explain.png, explain.json
 
 With no arguments `tidpo train` runs the offline demo: a tiny Llama learns the synthetic task with TI-DPO.
 `tidpo train --help` lists the config groups and every key.
@@ -40,16 +42,37 @@ def _train_job(cfg) -> float | None:
 
     from .config import validate
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(cfg)  # bad values stop here, before any model loads
+    except UserError as e:
+        _discard_if_empty(run_dir)
+        fail(str(e))
+    try:
         from .trainer import train  # torch and transformers load only for a real run
 
-        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        metrics = train(cfg, run_dir)
     except UserError as e:
         # Exit here: an exception would make Hydra print its own "Error executing job" line first.
         fail(str(e))
     # A number for Hydra sweepers that optimise: held-out loss when there is a held-out split.
     return metrics.get("eval/loss")
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove the run dir Hydra just made for a config that never ran (only .hydra/ and an empty log)."""
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    log_file = run_dir / "train.log"
+    if names <= {".hydra", "train.log"} and (not log_file.exists() or log_file.stat().st_size == 0):
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        # Its parents (runs/DATE/) too while they are empty, but never the working directory or above it.
+        cwd = Path.cwd().resolve()
+        for parent in run_dir.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def run_train(args: list[str]) -> None:
@@ -100,8 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     if command == "train":
         run_train(args)
+    elif command == "explain":
+        from .explain import explain_main
+
+        try:
+            explain_main(args)
+        except UserError as e:
+            fail(str(e))
     else:
-        fail(f"unknown command '{command}': expected one of: train (see tidpo --help)")
+        fail(f"unknown command '{command}': expected one of: train, explain (see tidpo --help)")
 
 
 if __name__ == "__main__":

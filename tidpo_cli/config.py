@@ -147,10 +147,21 @@ class TrainerConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = key(one_of("online", "offline", "disabled"))
+    project: str = key()
+    entity: Optional[str] = key()
+    name: Optional[str] = key()
+    group: Optional[str] = key()
+    tags: List[str] = key()
+
+
+@dataclass
 class LoggerConfig:
     progress: str = key(one_of("auto", "bar", "plain", "off"))
     print_every: int = key(above(0))
     log_every: int = key(above(0))
+    wandb: Optional[WandbConfig] = key()
 
 
 @dataclass
@@ -284,3 +295,19 @@ def _schema_type(path: str) -> str:
     base = text.removeprefix("Optional[").removesuffix("]")
     word = _TYPE_WORDS.get(base, base)
     return word + (" or null" if optional else "")
+
+
+def config_changes(old: DictConfig, new: DictConfig, ignore: tuple[str, ...] = ("trainer.resume",)) -> List[str]:
+    """'key: old -> new' for every leaf that differs between two configs (keys in `ignore` skipped)."""
+    def flat(node: Any, prefix: str = "") -> Dict[str, Any]:
+        if isinstance(node, dict):
+            out: Dict[str, Any] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    a = flat(OmegaConf.to_container(old, resolve=True))
+    b = flat(OmegaConf.to_container(new, resolve=True))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k not in ignore and a.get(k) != b.get(k)]

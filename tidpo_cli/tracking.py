@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sys
 import time
 from collections import defaultdict
@@ -125,21 +126,65 @@ class Progress:
             self.bar.close()
 
 
+class WandbSink:
+    """A Weights & Biases run. Its id is kept in the run dir, so a resumed run continues the same wandb run;
+    metrics are plotted against our own `step`, so steps re-logged after a resume land where they belong."""
+
+    def __init__(self, wandb_cfg, run_dir: Path, config: dict, job: dict[str, str]):
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            mode=wandb_cfg.mode, project=wandb_cfg.project, entity=wandb_cfg.entity,
+            name=wandb_cfg.name or job["name"], group=wandb_cfg.group or job.get("group"),
+            tags=list(wandb_cfg.tags), config=config, dir=str(run_dir), id=run_id, resume="allow",
+            settings=wandb.Settings(console="off"),
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({"step": step, **metrics})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def hydra_job(run_dir: Path) -> dict[str, str]:
+    """Name (and group, in a sweep) for a run: the run dir's name, or <sweep dir>-<job number>."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {"name": run_dir.name}
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode.name == "MULTIRUN":
+        group = f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
+        return {"name": f"{group}-{hydra_cfg.job.num}", "group": group}
+    return {"name": f"{hydra_cfg.job.name}-{run_dir.name}"}
+
+
 class Tracker:
     """Every sink a step's metrics go to. Only rank 0 makes one."""
 
-    def __init__(self, run_dir: Path, logger_cfg, total_steps: int):
+    def __init__(self, run_dir: Path, logger_cfg, total_steps: int, config: dict | None = None):
         self.jsonl = JsonlSink(run_dir / "metrics.jsonl")
+        self.sinks = [self.jsonl]
+        if logger_cfg.wandb is not None and logger_cfg.wandb.mode != "disabled":
+            self.sinks.append(WandbSink(logger_cfg.wandb, run_dir, config or {}, hydra_job(run_dir)))
         self.progress = Progress(total_steps, logger_cfg.progress, logger_cfg.print_every)
         self.log_every = logger_cfg.log_every
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.log_every == 0 or step == self.progress.total:
-            self.jsonl.write(step, metrics)
+            for sink in self.sinks:
+                sink.write(step, metrics)
         self.progress.update(step, metrics)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.jsonl.write(step, metrics)
+        for sink in self.sinks:
+            sink.write(step, metrics)
         # The console gets the headline numbers; metrics.jsonl has them all.
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items() if k in EVAL_HEADLINE)
         if self.progress.bar is not None:
@@ -150,4 +195,5 @@ class Tracker:
 
     def close(self) -> None:
         self.progress.close()
-        self.jsonl.close()
+        for sink in self.sinks:
+            sink.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
+from .config import config_changes
 from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
@@ -137,7 +138,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     steps = total_steps(cfg, stream.batches_per_epoch)
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, steps)
-    tracker = Tracker(run_dir, cfg.logger, steps)
+    tracker = Tracker(run_dir, cfg.logger, steps, config=OmegaConf.to_container(cfg, resolve=True))
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(policy, reference, splits.eval, cfg, ids, device, autocast)
@@ -152,6 +153,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         tracker.jsonl.truncate_after(state.step)  # rows a killed run logged after this checkpoint
         tracker.progress.start_step = state.step
         log.info("resumed from %s (step %d of %d)", checkpoint, state.step, steps)
+        changed = config_changes(OmegaConf.load(checkpoint / "config.yaml"), cfg)
+        if changed:  # allowed (e.g. more steps), but a resumed run then differs from an uninterrupted one
+            log.warning("the config differs from the checkpoint's: %s", "; ".join(changed))
 
     def checkpoint_now() -> None:
         state.epoch, state.position = stream.epoch, stream.position
@@ -208,8 +212,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             })
             if splits.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
                 run_eval(step)
-            if t.save_every and step % t.save_every == 0 and step != steps:
-                checkpoint_now()
+            if t.save_every and (step % t.save_every == 0 or step == steps):
+                checkpoint_now()  # also the last step, so a finished run can be extended with more steps
             if signals.received is not None and step != steps:
                 checkpoint_now()
                 log.info("received %s: checkpoint saved at step %d; exiting with code %d so the job is "

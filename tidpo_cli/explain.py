@@ -1,0 +1,577 @@
+"""`tidpo explain`: a picture of which response tokens TI-DPO weighs, and by how much (METHOD §1).
+
+For each response (chosen, and rejected when there is one) the model sees `prompt + response`, the
+gradient saliency of every token is computed with `importance.gradient_saliency`, and the weights the
+loss would use come from `importance.mix_weights` over the response span. Three files are written:
+`explain.html` (tokens coloured by weight), `explain.png` (heatmaps) and `explain.json` (the numbers).
+
+Colour scales: the raw importance (sum 1 over the response) and the prior (sum 1) are shown multiplied
+by the response length n, so that all three rows share the weights' scale (mean 1 over the response) and
+a token of the same colour counts the same in every row. Colour intensity grows with the square root of
+the value: one token (often the final EOS, whose embedding feeds the target logit directly) can take
+several times the mean, and a linear scale would leave every other token white.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.examples import BadRow, PreferenceExample
+from .data.formats import FORMATS, detect_format, to_example
+from .data.readers import read_rows
+from .data.tokenize import tokenize_example
+from .errors import UserError
+from .importance import gaussian_prior, gradient_saliency, mix_weights
+
+DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
+DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_ROWS = "0:8"
+PNG_MAX_EXAMPLES = 8
+SIDES = ("chosen", "rejected")
+
+# Stand-ins that make invisible characters visible in the HTML and on the PNG's axis.
+_VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+
+
+# ---------------------------------------------------------------------------------------------- maths
+
+def importance_table(model: torch.nn.Module, tokenizer: Any, example: PreferenceExample, *, lam: float,
+                     sigma_div: float, max_length: int, max_prompt_length: int | None = None) -> dict:
+    """Token importance of each response of `example`, as plain lists (JSON-ready).
+
+    Each side is `prompt + response` tokenized by `tokenize_example` (same BOS/EOS/truncation as
+    training), span = the response tokens. Per side, over the n response tokens:
+    `saliency` (raw L1 gradient norms), `raw` (saliency / its sum: sums to 1; all 0 when the saliency is
+    0), `prior` (Gaussian prior, sums to 1), `weights` (`mix_weights`: mean 1, what TI-DPO uses).
+    An empty `example.rejected` means "no rejected response": that side is None.
+    Raises `BadRow` when the texts cannot be tokenized within the limits.
+    """
+    if max_prompt_length is None:
+        max_prompt_length = default_prompt_length(max_length)
+    has_rejected = bool(example.rejected)
+    # tokenize_example wants two responses; a missing rejected one borrows the chosen text and is dropped.
+    to_tokenize = example if has_rejected else dataclasses.replace(example, rejected=example.chosen)
+    pair = tokenize_example(to_tokenize, tokenizer, max_length, max_prompt_length)
+    texts = {"chosen": example.chosen, "rejected": example.rejected}
+    sides: dict[str, dict | None] = {}
+    for side, response_ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+        if side == "rejected" and not has_rejected:
+            sides[side] = None
+            continue
+        sides[side] = {"text": texts[side],
+                       **_side_table(model, tokenizer, pair.prompt_ids, response_ids, lam, sigma_div)}
+    return {"where": example.where, "prompt": example.prompt, "prompt_tokens": len(pair.prompt_ids),
+            "truncated": pair.truncated, "lam": lam, "sigma_div": sigma_div, **sides}
+
+
+def _side_table(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], response_ids: list[int],
+                lam: float, sigma_div: float) -> dict:
+    """The numbers for one response: one unpadded row, so nothing depends on batching."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + response_ids], device=device)
+    mask = torch.ones_like(ids)
+    span = torch.zeros_like(ids, dtype=torch.bool)
+    span[0, len(prompt_ids):] = True
+    saliency = gradient_saliency(model, ids, mask)                             # [1, T]
+    mixed = mix_weights(saliency, span, lam=lam, sigma_div=sigma_div)
+    start = len(prompt_ids)
+    response_saliency = saliency[0, start:].double().cpu()
+    total = float(response_saliency.sum())
+    raw = response_saliency / total if total > 0 else torch.zeros_like(response_saliency)
+    return {
+        "ids": list(response_ids),
+        "tokens": [token_text(tokenizer, i) for i in response_ids],
+        "saliency": response_saliency.tolist(),
+        "raw": raw.tolist(),
+        "prior": gaussian_prior(span, sigma_div)[0, start:].cpu().tolist(),
+        "weights": mixed.weights[0, start:].cpu().tolist(),
+        "fallback": mixed.fallbacks > 0,
+    }
+
+
+def default_prompt_length(max_length: int) -> int:
+    """Half the total, as the shipped data configs do (256 of 512)."""
+    return max(1, max_length // 2)
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token decoded on its own. A byte-level piece of a UTF-8 character decodes to U+FFFD.
+
+    SentencePiece tokenizers drop a word's leading space when a token is decoded alone; it is put back
+    from the piece's "▁" so that the tokens read as the text does.
+    """
+    try:
+        text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError):
+        return "\ufffd"
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and piece.startswith("▁") and not text.startswith(" "):
+        text = " " + text
+    return text
+
+
+def visible(text: str, *, space: str = " ") -> str:
+    """`text` with newlines, tabs and other control characters shown as symbols; "" as ∅."""
+    if not text:
+        return "∅"
+    out = []
+    for ch in text:
+        if ch in _VISIBLE:
+            out.append(_VISIBLE[ch])
+        elif ch == " ":
+            out.append(space)
+        elif ord(ch) < 0x20:
+            out.append(chr(0x2400 + ord(ch)))  # the Unicode "control pictures" block
+        elif ch == "\x7f":
+            out.append("␡")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _scaled(side: dict, key: str) -> list[float]:
+    """A row on the weights' scale (mean 1 over the response): raw and prior times n, weights as they are."""
+    values = side[key]
+    return values if key == "weights" else [v * len(values) for v in values]
+
+
+def _colour_max(table: dict) -> float:
+    """The top of an example's colour scale: its largest value over both sides, raw and final rows."""
+    values = [v for side in SIDES if table.get(side) for key in ("raw", "weights") for v in _scaled(table[side], key)]
+    finite = [v for v in values if math.isfinite(v)]
+    return max([1.0, *finite])
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem; color: #222; }
+h1 { font-size: 1.4rem; margin-bottom: .3rem; }
+.meta { color: #555; margin-top: 0; }
+.legend { display: flex; align-items: center; gap: .5rem; font-size: .85rem; color: #555; }
+.legend .bar { width: 14rem; height: .8rem; border: 1px solid #ccc;
+  background: linear-gradient(to right, rgb(255,255,255), rgb(215,48,31)); }
+section.example { border-top: 1px solid #ddd; margin-top: 1.5rem; padding-top: .5rem; }
+h2 { font-size: 1.15rem; margin: .4rem 0; }
+h2 small, h3 small { color: #777; font-weight: normal; }
+h3 { font-size: 1rem; margin: .4rem 0; }
+pre.prompt { background: #f6f6f6; border: 1px solid #e2e2e2; padding: .5rem; white-space: pre-wrap;
+  word-break: break-word; max-height: 14rem; overflow: auto; margin: .2rem 0 .6rem; }
+.sides { display: grid; grid-template-columns: repeat(auto-fit, minmax(22rem, 1fr)); gap: 1rem; }
+.side { border: 1px solid #e2e2e2; border-radius: 4px; padding: .5rem; }
+.label { font-size: .8rem; color: #555; margin: .5rem 0 .15rem; }
+.tokens { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: .9rem;
+  line-height: 1.75; white-space: pre-wrap; word-break: break-all; }
+.tokens span { border-radius: 2px; box-shadow: inset 0 0 0 1px rgba(0,0,0,.06); }
+.note { color: #a33; font-size: .85rem; }
+"""
+
+COLOUR_GAMMA = 0.5  # intensity = (value / top) ** gamma, in the HTML and the PNG alike
+_WHITE = (255, 255, 255)
+_RED = (215, 48, 31)  # the end of the colour scale (matplotlib's "Reds" reaches a similar red)
+
+
+def _background(value: float, top: float) -> tuple[str, str]:
+    """CSS background and text colour for `value` on a white-to-red scale from 0 to `top`."""
+    a = min(max(value / top, 0.0), 1.0) ** COLOUR_GAMMA if top > 0 and math.isfinite(value) else 0.0
+    rgb = tuple(round(w + (r - w) * a) for w, r in zip(_WHITE, _RED))
+    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})", "#fff" if a > 0.65 else "#111"
+
+
+def _token_spans(side: dict, key: str, top: float) -> str:
+    """The response as coloured spans; the tooltip gives the token and all three numbers."""
+    n = len(side["tokens"])
+    scaled = _scaled(side, key)
+    parts = []
+    for i, token in enumerate(side["tokens"]):
+        background, colour = _background(scaled[i], top)
+        tip = (f"#{i} “{visible(token, space='␣')}”  weight {side['weights'][i]:.3f}  "
+               f"raw {side['raw'][i]:.4f} (×n {side['raw'][i] * n:.3f})  prior {side['prior'][i]:.4f}")
+        parts.append(f'<span style="background:{background};color:{colour}" title="{html.escape(tip)}">'
+                     f"{html.escape(visible(token))}</span>")
+        if "\n" in token:
+            parts.append("<br>")
+    return "".join(parts)
+
+
+def _side_html(name: str, side: dict | None, top: float) -> str:
+    if side is None:
+        return f'<div class="side"><h3>{name}</h3><p class="meta">no {name} response given</p></div>'
+    n = len(side["tokens"])
+    note = ('<p class="note">the saliency was 0 over this response: the weights are the prior alone</p>'
+            if side["fallback"] else "")
+    return (f'<div class="side"><h3>{name} <small>{n} tokens</small></h3>{note}'
+            f'<div class="label">raw importance (share of the response, shown ×n)</div>'
+            f'<div class="tokens">{_token_spans(side, "raw", top)}</div>'
+            f'<div class="label">after prior (the weights TI-DPO uses, mean 1)</div>'
+            f'<div class="tokens">{_token_spans(side, "weights", top)}</div></div>')
+
+
+def _example_html(index: int, table: dict) -> str:
+    top = _colour_max(table)
+    truncated = ('<p class="note">cut to the length limits: the model saw the end of the prompt '
+                 f'({table["prompt_tokens"]} tokens) and the start of each response</p>'
+                 if table["truncated"] else "")
+    sides = "".join(_side_html(name, table[name], top) for name in SIDES)
+    return (f'<section class="example"><h2>Example {index} <small>{html.escape(str(table["where"]))} · '
+            f'colour scale 0 to {top:.2f}</small></h2>{truncated}'
+            f'<h3>Prompt</h3><pre class="prompt">{html.escape(table["prompt"])}</pre>'
+            f'<div class="sides">{sides}</div></section>')
+
+
+def render_html(tables: list[dict], *, title: str = "tidpo explain") -> str:
+    """A self-contained page (inline CSS, no scripts, no external assets): one section per example."""
+    head = tables[0] if tables else {"lam": DEFAULT_LAM, "sigma_div": DEFAULT_SIGMA_DIV}
+    body = "".join(_example_html(table.get("index", i), table) for i, table in enumerate(tables))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>Token importance (TI-DPO)</h1>\n"
+        f'<p class="meta">{html.escape(title)} · λ = {head["lam"]:g} · σ = n / {head["sigma_div"]:g} · '
+        "weights = λ·raw + (1 − λ)·prior, scaled to mean 1 over each response. "
+        "Hover a token for its numbers; ↵ is a newline, ⇥ a tab, � part of a character.</p>\n"
+        '<div class="legend"><span>0</span><span class="bar"></span>'
+        "<span>the example's largest value (raw ×n or weight); intensity ∝ √value</span></div>\n"
+        f"{body}\n</body>\n</html>\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ PNG
+
+_ROW_LABELS = ("raw ×n", "prior ×n", "weight")
+_CELL_IN = 0.17          # width of one token column, inches
+_MAX_PLOT_IN = 30.0      # widest heatmap before columns shrink and labels thin out
+_LABEL_CHARS = 10
+
+
+def _tick_label(token: str) -> str:
+    text = visible(token, space="␣")
+    if len(text) > _LABEL_CHARS:
+        text = text[: _LABEL_CHARS - 1] + "…"
+    return text.replace("$", r"\$")  # a bare "$" would start matplotlib mathtext
+
+
+def render_png(tables: list[dict], path: str | os.PathLike) -> None:
+    """Heatmaps (rows raw ×n, prior ×n, weight; one column per response token), chosen above rejected,
+    one block per example with its own colour bar; at most `PNG_MAX_EXAMPLES` examples."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = tables[:PNG_MAX_EXAMPLES]
+    widest = max((len(t[s]["tokens"]) for t in shown for s in SIDES if t.get(s)), default=1)
+    cell = min(_CELL_IN, _MAX_PLOT_IN / widest)
+    blocks = [[s for s in SIDES if t.get(s)] for t in shown]
+    heights = [0.5 + 1.9 * len(sides) for sides in blocks]
+    fig = Figure(figsize=(max(7.0, 2.6 + widest * cell), sum(heights)), layout="constrained", dpi=110)
+    FigureCanvasAgg(fig)
+    subfigs = fig.subfigures(len(shown), 1, height_ratios=heights, squeeze=False)[:, 0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*[Gg]lyph .* missing")  # CJK etc. without a font
+        for subfig, table, sides in zip(subfigs, shown, blocks):
+            _example_png(subfig, table, sides, widest, cell)
+        if len(tables) > len(shown):
+            fig.suptitle(f"first {len(shown)} of {len(tables)} examples (all are in explain.html)", fontsize=10)
+        fig.savefig(path, dpi=110)
+
+
+def _example_png(subfig, table: dict, sides: list[str], widest: int, cell: float) -> None:
+    import numpy as np
+    from matplotlib.colors import PowerNorm
+
+    top = _colour_max(table)
+    axes = subfig.subplots(len(sides), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, side_name in zip(axes, sides):
+        side = table[side_name]
+        grid = np.array([_scaled(side, key) for key in ("raw", "prior", "weights")])
+        image = ax.imshow(grid, aspect="auto", cmap="Reds", interpolation="nearest",
+                          norm=PowerNorm(COLOUR_GAMMA, vmin=0.0, vmax=top))
+        n = len(side["tokens"])
+        ax.set_xlim(-0.5, widest - 0.5)  # same column width for both sides: aligned tokens line up
+        step = max(1, math.ceil(0.13 / cell))  # thin the labels when the columns get narrower than a label
+        # Every step-th token, and always the last (often EOS, where the weight piles up).
+        ticks = [i for i in range(0, n, step) if i <= n - 1 - step] + [n - 1]
+        ax.set_xticks(ticks, [_tick_label(side["tokens"][i]) for i in ticks], fontsize=7)
+        for label in ax.get_xticklabels():  # one character reads best upright, longer tokens sideways
+            label.set_rotation(0 if len(label.get_text().replace("\\", "")) <= 2 else 90)
+        ax.set_yticks(range(3), _ROW_LABELS, fontsize=8)
+        ax.tick_params(length=2, pad=1)
+        title = f"{side_name} ({n} tokens{', saliency 0: prior only' if side['fallback'] else ''})"
+        ax.set_title(title, fontsize=9, loc="left")
+    where = str(table["where"]).replace("$", r"\$")
+    subfig.suptitle(f"example {table.get('index', '')}  ·  {where}  ·  λ = {table['lam']:g}, "
+                    f"σ = n/{table['sigma_div']:g}", fontsize=10)
+    bar = subfig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.01, aspect=12)
+    bar.set_label("weight (mean 1)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes become a UserError: one line, exit 2, like every other user error."""
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        raise UserError(f"tidpo explain: {message} (see tidpo explain --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tidpo explain",
+        description="Show which response tokens TI-DPO weighs: explain.html, explain.png, explain.json.",
+        epilog="MODEL is an HF model directory (e.g. RUN/final) or a run directory (RUN: uses RUN/final and "
+               "the run's loss.importance lam / sigma_div unless given here).",
+    )
+    parser.add_argument("model", metavar="MODEL", help="HF model directory or tidpo run directory")
+    text = parser.add_argument_group("one example from the command line")
+    text.add_argument("--prompt", help="prompt text")
+    text.add_argument("--response", help="response text (shown as the chosen side)")
+    text.add_argument("--rejected", help="optional second response, shown beside the first")
+    data = parser.add_argument_group("examples from a data file")
+    data.add_argument("--data", metavar="FILE", help="a .jsonl/.jsonl.gz/.json/.parquet file, dataset folder or hub name")
+    data.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="data layout (default: auto)")
+    data.add_argument("--split", default="train", help="split for a dataset folder or hub name (default: train)")
+    data.add_argument("--rows", default=DEFAULT_ROWS, help="START:STOP row range, or one row index (default: 0:8)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: ./explain, or RUN/explain)")
+    parser.add_argument("--lam", type=float, help=f"importance vs prior mix λ (default: the run's, else {DEFAULT_LAM})")
+    parser.add_argument("--sigma-div", type=float,
+                        help=f"prior width σ = n / SIGMA_DIV (default: the run's, else {DEFAULT_SIGMA_DIV:g})")
+    parser.add_argument("--max-length", type=int,
+                        help=f"prompt + response tokens (default: {DEFAULT_MAX_LENGTH})")
+    parser.add_argument("--max-prompt-length", type=int, help="prompt tokens, cut from the left (default: half of --max-length)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ... (default: auto)")
+    return parser
+
+
+def parse_rows(spec: str) -> range:
+    """`START:STOP`, `START:`, `:STOP` or one index `N`, all non-negative, as a range of row indices."""
+    bad = UserError(f"--rows must be START:STOP (e.g. 0:8) or one row index (e.g. 3), with whole numbers >= 0 "
+                    f"and START < STOP; got {spec!r}")
+    text = spec.strip()
+    try:
+        if ":" not in text:
+            start = int(text)
+            stop = start + 1
+        else:
+            head, tail = text.split(":", 1)
+            start = int(head) if head.strip() else 0
+            stop = int(tail) if tail.strip() else sys.maxsize
+    except ValueError:
+        raise bad from None
+    if start < 0 or stop <= start:
+        raise bad
+    return range(start, stop)
+
+
+def resolve_model(path: str) -> tuple[Path, Path | None]:
+    """(model directory, run directory or None). A run directory is one holding `final/`."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise UserError(f"model directory '{path}' does not exist: pass an HF model directory (e.g. RUN/final) "
+                        "or a tidpo run directory")
+    if not given.is_dir():
+        raise UserError(f"model '{path}' is a file, not a directory: pass an HF model directory (e.g. RUN/final) "
+                        "or a tidpo run directory")
+    if (given / "config.json").is_file():
+        return given, None
+    if (given / "final" / "config.json").is_file():
+        return given / "final", given
+    if (given / ".hydra").is_dir():
+        raise UserError(f"run directory '{path}' has no final/ model (the run did not finish, or "
+                        "trainer.save_final was off): pass a finished run or an HF model directory")
+    raise UserError(f"'{path}' is neither an HF model directory (no config.json) nor a tidpo run directory "
+                    "(no final/): pass e.g. RUN/final")
+
+
+def run_config(model_dir: Path, run_dir: Path | None) -> tuple[Any, Path | None]:
+    """The run's composed config (`.hydra/config.yaml`) for a run dir, or for a model dir `RUN/final`."""
+    candidates = [run_dir] if run_dir is not None else ([model_dir.parent] if model_dir.name == "final" else [])
+    for directory in candidates:
+        path = directory / ".hydra" / "config.yaml"
+        if path.is_file():
+            from omegaconf import OmegaConf
+            from omegaconf.errors import OmegaConfBaseException
+            from yaml import YAMLError
+
+            try:
+                return OmegaConf.load(path), path
+            except (OSError, YAMLError, OmegaConfBaseException) as e:
+                print(f"tidpo explain: ignoring {path} (cannot read it: {type(e).__name__}); using the defaults",
+                      file=sys.stderr)
+    return None, None
+
+
+def _from_config(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except OmegaConfBaseException:
+        return None
+
+
+def settings(args: argparse.Namespace, cfg: Any) -> dict:
+    """lam and sigma_div: explicit flags, else the run's loss.importance, else the paper's values.
+    max_length (default 512) and max_prompt_length (default half of it) come from the flags only: a run's
+    training limits can be short (the demo's are 48) and would cut the text being explained."""
+    def pick(flag, key, default, kind):
+        if flag is not None:
+            return flag
+        value = _from_config(cfg, key)
+        return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    lam = pick(args.lam, "loss.importance.lam", DEFAULT_LAM, float)
+    sigma_div = pick(args.sigma_div, "loss.importance.sigma_div", DEFAULT_SIGMA_DIV, float)
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    if not 0.0 <= lam <= 1.0:
+        raise UserError(f"--lam must be between 0 and 1 (the share of gradient importance in the mix), got {lam:g}")
+    if not (sigma_div > 0 and math.isfinite(sigma_div)):
+        raise UserError(f"--sigma-div must be a positive number (sigma = n / sigma_div), got {sigma_div:g}")
+    if max_length < 2:
+        raise UserError(f"--max-length must be at least 2 (prompt + response tokens), got {max_length}")
+    max_prompt = default_prompt_length(max_length) if args.max_prompt_length is None else args.max_prompt_length
+    if not 1 <= max_prompt < max_length:
+        raise UserError(f"--max-prompt-length must be at least 1 and below --max-length ({max_length}), "
+                        f"got {max_prompt}")
+    return {"lam": lam, "sigma_div": sigma_div, "max_length": max_length, "max_prompt_length": max_prompt}
+
+
+def command_line_example(args: argparse.Namespace) -> PreferenceExample:
+    if args.prompt is None or args.response is None:
+        missing = " and ".join(f for f, v in (("--prompt", args.prompt), ("--response", args.response)) if v is None)
+        raise UserError(f"missing {missing}: give --prompt TEXT --response TEXT [--rejected TEXT], "
+                        "or --data FILE for examples from a file")
+    if not args.response:
+        raise UserError("--response is empty: give the response text to explain")
+    return PreferenceExample(prompt=args.prompt, chosen=args.response, rejected=args.rejected or "",
+                             where="command line")
+
+
+def data_examples(args: argparse.Namespace, tokenizer: Any) -> list[tuple[int, PreferenceExample]]:
+    """(row index, example) for the rows in `--rows` of `--data`, converted with `to_example`; unusable rows
+    are reported on stderr and skipped."""
+    rows = parse_rows(args.rows)
+    fmt = None if args.format == "auto" else args.format
+    examples, seen = [], 0
+    for index, (where, row) in enumerate(read_rows(args.data, split=args.split)):
+        seen = index + 1
+        if index >= rows.stop:
+            break
+        if index < rows.start:
+            continue
+        try:
+            fmt = fmt or detect_format(row)
+            examples.append((index, to_example(row, fmt, tokenizer, where)))
+        except BadRow as e:
+            print(f"tidpo explain: skipped row {index} ({where}): {e}", file=sys.stderr)
+    if not examples:
+        if seen <= rows.start:
+            raise UserError(f"--rows {args.rows} selects no rows: {args.data} has {seen} rows "
+                            f"(rows are numbered from 0)")
+        raise UserError(f"no usable row in --rows {args.rows} of {args.data} (see the skipped rows above): "
+                        "check --format or pick other rows")
+    return examples
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for a GPU but CUDA is not available here: use --device cpu")
+    return device
+
+
+def load_model(model_dir: Path, device: torch.device):
+    """(model, tokenizer) from an HF directory, in its saved dtype, eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weight-loading bar per run is noise here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load a model and tokenizer from '{model_dir}': {first} "
+                        "(it needs config.json, the weights and the tokenizer files, as RUN/final has)") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    model.requires_grad_(False)  # saliency needs the input embeddings' gradient only
+    return model.to(device).eval(), tokenizer
+
+
+def explain_main(argv: list[str]) -> None:
+    """`tidpo explain MODEL (--prompt P --response R [--rejected R2] | --data FILE [--rows A:B]) [...]`."""
+    args = build_parser().parse_args(argv)
+    from_text = any(v is not None for v in (args.prompt, args.response, args.rejected))
+    if args.data is not None and from_text:
+        raise UserError("use either --data FILE or --prompt/--response/--rejected, not both")
+    if args.data is None:
+        command_line = [(0, command_line_example(args))]
+    else:
+        parse_rows(args.rows)  # a bad --rows fails before the model loads
+    model_dir, run_dir = resolve_model(args.model)
+    cfg, cfg_path = run_config(model_dir, run_dir)
+    opts = settings(args, cfg)
+    device = _device(args.device)
+    out = Path(args.out).expanduser() if args.out else (run_dir / "explain" if run_dir else Path("explain"))
+
+    model, tokenizer = load_model(model_dir, device)
+    examples = command_line if args.data is None else data_examples(args, tokenizer)
+    source = f" (run config: {cfg_path})" if cfg_path else ""
+    if _from_config(cfg, "loss.importance.span") == "prompt_response":
+        print("tidpo explain: the run weighted prompt + response (span prompt_response); shown here: the "
+              "response span, so its weights differ from that run's", file=sys.stderr)
+    print(f"model {model_dir}: lam {opts['lam']:g}, sigma_div {opts['sigma_div']:g}, "
+          f"max_length {opts['max_length']}, max_prompt_length {opts['max_prompt_length']}{source}")
+
+    tables = []
+    for index, ex in examples:
+        try:
+            table = importance_table(model, tokenizer, ex, lam=opts["lam"], sigma_div=opts["sigma_div"],
+                                     max_length=opts["max_length"], max_prompt_length=opts["max_prompt_length"])
+        except BadRow as e:
+            raise UserError(f"cannot explain {ex.where}: {e}") from None
+        if table["truncated"]:
+            print(f"tidpo explain: {ex.where} was cut to --max-length {opts['max_length']} / "
+                  f"--max-prompt-length {opts['max_prompt_length']}; raise them to see all of it", file=sys.stderr)
+        tables.append({"index": index, **table})
+    write_outputs(tables, out, {"model": str(model_dir), **opts})
+
+
+def write_outputs(tables: list[dict], out: Path, meta: dict) -> list[Path]:
+    """explain.html, explain.png and explain.json under `out`; prints and returns their paths."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory '{out}': {e.strerror or e}; pick another --out") from None
+    paths = [out / "explain.html", out / "explain.png", out / "explain.json"]
+    paths[0].write_text(render_html(tables, title=f"tidpo explain · {meta['model']}"), encoding="utf-8")
+    render_png(tables, paths[1])
+    paths[2].write_text(json.dumps({**meta, "span": "response", "examples": tables}, indent=1, ensure_ascii=False),
+                        encoding="utf-8")
+    for path in paths:
+        print(f"wrote {path}")
+    return paths
