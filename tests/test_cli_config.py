@@ -118,3 +118,11 @@ def test_config_changes_lists_differing_leaves():
     new = compose_config(["trainer.max_steps=900", "loss.beta=0.2", "trainer.resume=never"])
     assert config_changes(old, new) == ["loss.beta: 0.1 -> 0.2", "trainer.max_steps: 800 -> 900"]
     assert config_changes(old, old) == []
+
+
+def test_a_gpu_asked_for_where_there_is_none_is_one_clear_line(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_tidpo(["train", "trainer.device=cuda", "data.synthetic.num_train=64", "data.eval_size=8"], cwd=tmp_path)
+    assert_one_line_error(result, "trainer.device=cuda", "CUDA is not available")

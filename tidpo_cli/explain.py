@@ -33,6 +33,7 @@ from .data.readers import read_rows
 from .data.tokenize import tokenize_example
 from .errors import UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
+from .modeling import pick_device
 
 DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
 DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4
@@ -488,18 +489,6 @@ def data_examples(args: argparse.Namespace, tokenizer: Any) -> list[tuple[int, P
     return examples
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for a GPU but CUDA is not available here: use --device cpu")
-    return device
-
-
 def load_model(model_dir: Path, device: torch.device):
     """(model, tokenizer) from an HF directory, in its saved dtype, eval mode, on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -535,7 +524,7 @@ def explain_main(argv: list[str]) -> None:
     model_dir, run_dir = resolve_model(args.model)
     cfg, cfg_path = run_config(model_dir, run_dir)
     opts = settings(args, cfg)
-    device = _device(args.device)
+    device = pick_device(args.device, key="--device")
     out = Path(args.out).expanduser() if args.out else (run_dir / "explain" if run_dir else Path("explain"))
 
     model, tokenizer = load_model(model_dir, device)

@@ -15,6 +15,20 @@ from .tokenizer import build_byte_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N; a GPU asked for where there is none is the
+    user's mistake, named by `key`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}={name} asks for a GPU but CUDA is not available here: use {key}=cpu or auto")
+    return device
+
+
 def load_tokenizer(model_cfg: DictConfig):
     """The byte-level tokenizer (`tokenizer: byte`) or a pretrained one; always with a pad token."""
     source = model_cfg.tokenizer or model_cfg.name_or_path

@@ -22,7 +22,7 @@ from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .objective import TokenIds, batch_loss, loss_items
-from .modeling import frozen_copy, load_policy, load_tokenizer
+from .modeling import frozen_copy, load_policy, load_tokenizer, pick_device
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
 
@@ -56,12 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg: DictConfig, ids: TokenIds,
