@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tidpo_cli.data.collate import collate, collate_prompts
+from tidpo_cli.data.collate import collate
 from tidpo_cli.data.examples import BadRow, PreferenceExample, TokenizedPair
 from tidpo_cli.data.prepare import prepare
 from tidpo_cli.data.tokenize import tokenize_example
@@ -155,14 +155,6 @@ def test_collate_chosen_rows_then_rejected_rows_right_padded():
         [X, 7, EOS, X, X],
     ]
     assert batch["prompt_lengths"].tolist() == [2, 1, 2, 1]
-
-
-def test_collate_prompts_left_padded():
-    batch = collate_prompts([P1, P2], pad_id=PAD)
-    assert set(batch) == {"input_ids", "attention_mask"}
-    assert batch["input_ids"].tolist() == [[BOS, 72], [PAD, BOS]]
-    assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
-    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
 
 
 def test_collate_rejects_empty_batch_and_missing_pad():

@@ -18,7 +18,6 @@ from .tracking import MetricSums
 Batch = dict[str, torch.Tensor]
 
 
-
 @dataclass(frozen=True)
 class TokenIds:
     """What the objective needs of the tokenizer and data config (anchors are generated and padded)."""

@@ -41,20 +41,3 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, start:end] = input_ids[row, start:end]
         prompt_lengths[row] = start
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_lengths": prompt_lengths}
-
-
-def collate_prompts(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """The prompts alone, LEFT-padded so that generation continues every row from the same position.
-
-    Returns input_ids [B, Tp] long (`pad_id` on the left), attention_mask [B, Tp] long (1 on prompt tokens).
-    """
-    _check(pairs, pad_id)
-    width = max(len(p.prompt_ids) for p in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-    for row, pair in enumerate(pairs):
-        length = len(pair.prompt_ids)
-        if length:
-            input_ids[row, width - length:] = torch.tensor(pair.prompt_ids, dtype=torch.long)
-            attention_mask[row, width - length:] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
