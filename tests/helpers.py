@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from tidpo_cli.cli import conf_dir
-from tidpo_cli.config import validate
+from tidpo_cli.cli import compose_config  # noqa: F401  (the config `tidpo train OVERRIDES` would run with)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -21,12 +18,6 @@ QUICK = [
     "data.synthetic.num_train=96", "data.eval_size=16", "trainer.max_steps=3", "trainer.micro_batch_size=8",
     "trainer.eval_batch_size=16", "trainer.warmup_steps=1", "logger.progress=off",
 ]
-
-
-def compose_config(overrides: list[str]):
-    """The validated config `tidpo train OVERRIDES` would run with."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return validate(compose(config_name="train", overrides=overrides))
 
 
 def run_tidpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import UserError
@@ -114,7 +115,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    save_weights(model, tmp / "model.safetensors")
     _pause_for_tests(state.step)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -136,6 +137,36 @@ def _pause_for_tests(step: int) -> None:
     pause = os.environ.get("TIDPO_TEST_PAUSE_IN_CHECKPOINT")
     if pause and int(pause.split(":")[0]) == step:
         time.sleep(float(pause.split(":")[1]))
+
+
+TRAINABLE_ONLY = {"tidpo": "trainable-only"}  # safetensors metadata of a checkpoint without the frozen base
+
+
+def save_weights(model, path: Path) -> None:
+    """The model's weights as safetensors; with frozen parameters (LoRA) only the trainable ones: the frozen
+    base comes back from where it was loaded, and an 8B base is not copied into every checkpoint."""
+    if all(p.requires_grad for p in model.parameters()):
+        save_model(model, str(path))
+    else:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(path), metadata=TRAINABLE_ONLY)
+
+
+def load_weights(model, path: Path) -> None:
+    """Inverse of `save_weights`: every weight the file holds goes into `model`, and it must hold every
+    trainable one."""
+    with safe_open(str(path), framework="pt") as f:
+        trainable_only = (f.metadata() or {}).get("tidpo") == TRAINABLE_ONLY["tidpo"]
+    if not trainable_only:
+        load_model(model, str(path))
+        return
+    tensors = load_file(str(path))
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - tensors.keys()
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this model ({len(missing)} trainable weights missing, "
+                        f"{len(unexpected)} unknown, e.g. {sorted(missing or unexpected)[0]}): was it saved "
+                        "with other model.lora settings?")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -163,7 +194,7 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore model, optimizer, scheduler and every RNG from `path`; return the loop's state."""
-    load_model(model, str(path / "model.safetensors"))
+    load_weights(model, path / "model.safetensors")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank = _rank()

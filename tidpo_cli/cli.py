@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -13,12 +14,23 @@ USAGE = """usage: tidpo COMMAND [ARGS]
 
 commands:
   train    fine-tune a model (Hydra: tidpo train [GROUP=OPTION] [KEY=VALUE] [-m] [--cfg job] [--help])
+  eval     score a trained model on preference pairs: tidpo eval MODEL_OR_RUN_DIR [data=...] [KEY=VALUE]
+           [--reference PATH] [--split eval|train] [--samples N]; writes eval.json and eval.md
+  export   write a trained model as an HF model directory (LoRA merged): tidpo export CHECKPOINT_OR_RUN_DIR OUT
   explain  show which tokens TI-DPO weighs: tidpo explain MODEL_OR_RUN_DIR --prompt P --response R [--rejected R2]
            or --data FILE --rows 0:8; writes explain.html, explain.png, explain.json
 
 With no arguments `tidpo train` runs the offline demo: a tiny Llama learns the synthetic task with TI-DPO.
 `tidpo train --help` lists the config groups and every key.
 """
+
+
+# Commands besides train: (module, function taking the remaining arguments).
+SUBCOMMANDS = {
+    "eval": (".evaluation", "eval_main"),
+    "export": (".export", "export_main"),
+    "explain": (".explain", "explain_main"),
+}
 
 
 def conf_dir() -> Path:
@@ -94,6 +106,25 @@ def run_train(args: list[str]) -> None:
         fail(_one_line(e))
 
 
+def compose_config(overrides: list[str]):
+    """The validated config that `tidpo train OVERRIDES` would run with, without running it (for eval and
+    tests). A bad override or value is a UserError of one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import validate
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        if not _is_composition_error(e):
+            raise
+        raise UserError(_one_line(e)) from None
+    return validate(cfg)
+
+
 def _is_composition_error(e: Exception) -> bool:
     """Errors of the command line or config tree (bad override, unknown option), not of our code."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -123,15 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     command, args = argv[0], argv[1:]
     if command == "train":
         run_train(args)
-    elif command == "explain":
-        from .explain import explain_main
-
+    elif command in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[command]
         try:
-            explain_main(args)
+            getattr(importlib.import_module(module, __package__), function)(args)
         except UserError as e:
             fail(str(e))
     else:
-        fail(f"unknown command '{command}': expected one of: train, explain (see tidpo --help)")
+        fail(f"unknown command '{command}': expected one of: train, {', '.join(SUBCOMMANDS)} (see tidpo --help)")
 
 
 if __name__ == "__main__":

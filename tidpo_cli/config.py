@@ -50,6 +50,21 @@ def key(check: Check | None = None, default: Any = MISSING) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def target_modules(v: Any) -> Optional[str]:
+    ok = v == "all-linear" or (isinstance(v, (list, tuple)) or OmegaConf.is_list(v)) and len(v) > 0 and all(
+        isinstance(m, str) and m for m in v)
+    return None if ok else "all-linear or a non-empty list of module names, e.g. [q_proj,v_proj]"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = key()
+    r: int = key(above(0))
+    alpha: float = key(above(0))
+    dropout: float = key(in_range(0.0, 1.0))
+    target_modules: Any = key(target_modules)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: Optional[str] = key()
@@ -58,6 +73,7 @@ class ModelConfig:
     dtype: str = key(one_of("float32", "bfloat16", "float16"))
     attn_implementation: str = key(one_of("eager", "sdpa", "flash_attention_2"))
     trust_remote_code: bool = key()
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from .data.tokenize import tokenize_example
 from .errors import UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
 from .modeling import pick_device
+from .trained import load_trained, locate, run_config
 
 DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
 DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4
@@ -332,10 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tidpo explain",
         description="Show which response tokens TI-DPO weighs: explain.html, explain.png, explain.json.",
-        epilog="MODEL is an HF model directory (e.g. RUN/final) or a run directory (RUN: uses RUN/final and "
-               "the run's loss.importance lam / sigma_div unless given here).",
+        epilog="MODEL is a run directory (its final/ model, and the run's loss.importance lam / sigma_div unless "
+               "given here), RUN/checkpoints/step-N, or an HF model directory.",
     )
-    parser.add_argument("model", metavar="MODEL", help="HF model directory or tidpo run directory")
+    parser.add_argument("model", metavar="MODEL", help="run directory, checkpoint or HF model directory")
     text = parser.add_argument_group("one example from the command line")
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--response", help="response text (shown as the chosen side)")
@@ -374,44 +375,6 @@ def parse_rows(spec: str) -> range:
     if start < 0 or stop <= start:
         raise bad
     return range(start, stop)
-
-
-def resolve_model(path: str) -> tuple[Path, Path | None]:
-    """(model directory, run directory or None). A run directory is one holding `final/`."""
-    given = Path(path).expanduser()
-    if not given.exists():
-        raise UserError(f"model directory '{path}' does not exist: pass an HF model directory (e.g. RUN/final) "
-                        "or a tidpo run directory")
-    if not given.is_dir():
-        raise UserError(f"model '{path}' is a file, not a directory: pass an HF model directory (e.g. RUN/final) "
-                        "or a tidpo run directory")
-    if (given / "config.json").is_file():
-        return given, None
-    if (given / "final" / "config.json").is_file():
-        return given / "final", given
-    if (given / ".hydra").is_dir():
-        raise UserError(f"run directory '{path}' has no final/ model (the run did not finish, or "
-                        "trainer.save_final was off): pass a finished run or an HF model directory")
-    raise UserError(f"'{path}' is neither an HF model directory (no config.json) nor a tidpo run directory "
-                    "(no final/): pass e.g. RUN/final")
-
-
-def run_config(model_dir: Path, run_dir: Path | None) -> tuple[Any, Path | None]:
-    """The run's composed config (`.hydra/config.yaml`) for a run dir, or for a model dir `RUN/final`."""
-    candidates = [run_dir] if run_dir is not None else ([model_dir.parent] if model_dir.name == "final" else [])
-    for directory in candidates:
-        path = directory / ".hydra" / "config.yaml"
-        if path.is_file():
-            from omegaconf import OmegaConf
-            from omegaconf.errors import OmegaConfBaseException
-            from yaml import YAMLError
-
-            try:
-                return OmegaConf.load(path), path
-            except (OSError, YAMLError, OmegaConfBaseException) as e:
-                print(f"tidpo explain: ignoring {path} (cannot read it: {type(e).__name__}); using the defaults",
-                      file=sys.stderr)
-    return None, None
 
 
 def _from_config(cfg: Any, key: str) -> Any:
@@ -489,28 +452,6 @@ def data_examples(args: argparse.Namespace, tokenizer: Any) -> list[tuple[int, P
     return examples
 
 
-def load_model(model_dir: Path, device: torch.device):
-    """(model, tokenizer) from an HF directory, in its saved dtype, eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers.utils import logging as hf_logging
-
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a weight-loading bar per run is noise here
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load a model and tokenizer from '{model_dir}': {first} "
-                        "(it needs config.json, the weights and the tokenizer files, as RUN/final has)") from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    model.requires_grad_(False)  # saliency needs the input embeddings' gradient only
-    return model.to(device).eval(), tokenizer
-
-
 def explain_main(argv: list[str]) -> None:
     """`tidpo explain MODEL (--prompt P --response R [--rejected R2] | --data FILE [--rows A:B]) [...]`."""
     args = build_parser().parse_args(argv)
@@ -521,15 +462,16 @@ def explain_main(argv: list[str]) -> None:
         command_line = [(0, command_line_example(args))]
     else:
         parse_rows(args.rows)  # a bad --rows fails before the model loads
-    model_dir, run_dir = resolve_model(args.model)
-    cfg, cfg_path = run_config(model_dir, run_dir)
+    kind, model_dir, run_dir = locate(args.model)
+    cfg = run_config(run_dir, model_dir if kind == "checkpoint" else None)
     opts = settings(args, cfg)
     device = pick_device(args.device, key="--device")
     out = Path(args.out).expanduser() if args.out else (run_dir / "explain" if run_dir else Path("explain"))
 
-    model, tokenizer = load_model(model_dir, device)
+    trained = load_trained(args.model, device)
+    model, tokenizer = trained.model, trained.tokenizer
     examples = command_line if args.data is None else data_examples(args, tokenizer)
-    source = f" (run config: {cfg_path})" if cfg_path else ""
+    source = f" (run config: {run_dir})" if cfg is not None else ""
     if _from_config(cfg, "loss.importance.span") == "prompt_response":
         print("tidpo explain: the run weighted prompt + response (span prompt_response); shown here: the "
               "response span, so its weights differ from that run's", file=sys.stderr)

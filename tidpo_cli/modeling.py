@@ -83,11 +83,48 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
-def _load_failure(what: str, source: str, e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
-    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
-    if looks_local and not Path(source).exists():
-        return f"{what} path '{source}' does not exist: check model.name_or_path (or model.tokenizer)"
-    return (f"cannot load {what} '{source}': {first} (offline machines need a local copy: "
-            f"model.name_or_path=/path/to/model)")
+def add_lora(model: PreTrainedModel, lora_cfg: DictConfig):
+    """Wrap `model` in PEFT LoRA adapters (`model.lora`); only the adapter weights stay trainable.
+
+    Returns the PeftModel. Its `get_base_model()` is `model` itself with the adapter layers injected:
+    that is what the loop trains and calls, so the importance pass and generation see a plain HF model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target module name the model does not have
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"model.lora.target_modules={targets}: {first}") from None
+
+
+class AdapterOff:
+    """The reference under LoRA: the policy's own weights with the adapter switched off for each call, so no
+    second copy of the model exists. Called like a model; dropout is off during the call."""
+
+    def __init__(self, peft_model) -> None:
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs):
+        model = self.peft_model.get_base_model()
+        was_training = model.training
+        model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return model(**inputs)
+        finally:
+            model.train(was_training)
+
+
+def with_reference(policy: PreTrainedModel, model_cfg: DictConfig, *, reference: bool = True):
+    """(policy, reference, peft_model or None) for a loaded `policy`: under `model.lora` the adapters are added
+    and the reference is the policy with its adapter off; otherwise the reference is a frozen copy.
+    The reference is None when `reference` is False (SFT needs none)."""
+    if not model_cfg.lora.enabled:
+        return policy, frozen_copy(policy) if reference else None, None
+    peft_model = add_lora(policy, model_cfg.lora)
+    return peft_model.get_base_model(), AdapterOff(peft_model) if reference else None, peft_model

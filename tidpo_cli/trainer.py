@@ -22,7 +22,7 @@ from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .objective import TokenIds, batch_loss, loss_items
-from .modeling import frozen_copy, load_policy, load_tokenizer, pick_device
+from .modeling import load_policy, load_tokenizer, pick_device, with_reference
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
 
@@ -119,12 +119,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("pairs: %d train, %d held out", len(splits.train), len(splits.eval))
 
     policy = load_policy(cfg.model, tokenizer).to(device)
-    reference = None if cfg.loss.name == "sft" else frozen_copy(policy)
+    if cfg.model.name_or_path is None and not (run_dir / "reference").exists():
+        # A model built from random weights exists nowhere else: keep it, so `tidpo eval` can use the reference
+        # this run used, and a LoRA adapter has its base.
+        save_hf_model(policy, tokenizer, run_dir / "reference")
+    policy, reference, peft_model = with_reference(policy, cfg.model, reference=cfg.loss.name != "sft")
     if t.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
-    log.info("model: %s, %.2fM parameters, on %s", cfg.model.name_or_path or "tiny Llama (random init)",
-             sum(p.numel() for p in policy.parameters()) / 1e6, device)
+    log.info("model: %s, %.2fM parameters (%.2fM trainable%s), on %s",
+             cfg.model.name_or_path or "tiny Llama (random init)", sum(p.numel() for p in policy.parameters()) / 1e6,
+             sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6,
+             ": LoRA adapters" if peft_model else "", device)
 
     ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
@@ -220,6 +226,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         signals.restore()
         tracker.close()
     if t.save_final:
+        if peft_model is not None:
+            if cfg.model.name_or_path is None:  # so PeftModel.from_pretrained finds the random-init base
+                peft_model.peft_config["default"].base_model_name_or_path = str((run_dir / "reference").resolve())
+            save_hf_model(peft_model, tokenizer, run_dir / "adapter")  # the PEFT adapter alone
+            policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
         save_hf_model(policy, tokenizer, run_dir / "final")
     _summary(cfg, run_dir, before, after)
     return after

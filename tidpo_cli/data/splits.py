@@ -22,14 +22,18 @@ class Splits:
     reports: dict[str, PrepareReport] = field(default_factory=dict)  # "train" / "eval" -> what was read
 
 
-def load_splits(cfg: DictConfig, tokenizer, seed: int) -> Splits:
+def load_splits(cfg: DictConfig, tokenizer, seed: int, *, held_out_only: bool = False) -> Splits:
     """Read, check and tokenize the training data and the held-out split that `cfg` (the data group) names.
 
     The held-out split is `eval_path`/`eval_split` when either is set, otherwise `eval_size` pairs held out
     from the training data by a seeded shuffle (so a file sorted by topic still gives a fair sample).
+    `held_out_only` skips reading the training data where the held-out split does not come from it.
     """
     options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    on_bad_row=cfg.on_bad_row)
+    explicit_eval = cfg.eval_path is not None or cfg.eval_split is not None
+    if held_out_only and explicit_eval and cfg.format != "synthetic":
+        return _with_eval(Splits([], [], {}), cfg, tokenizer, options)
     if cfg.format == "synthetic":
         s = cfg.synthetic
         rows = synthetic_rows(s.num_train + cfg.eval_size, seed, min_items=s.min_items, max_items=s.max_items,
@@ -55,12 +59,17 @@ def load_splits(cfg: DictConfig, tokenizer, seed: int) -> Splits:
         held = [pairs[i] for i in sorted(held_out)]
         return Splits(train, held, reports)
 
+    return _with_eval(Splits(pairs, [], reports), cfg, tokenizer, options)
+
+
+def _with_eval(splits: Splits, cfg: DictConfig, tokenizer, options: dict) -> Splits:
+    """`splits` with the held-out pairs of `data.eval_path` / `data.eval_split` read in."""
     eval_source = cfg.eval_path or cfg.path
     if cfg.eval_path is None and Path(eval_source).is_file():
         raise DataError(
             f"data.eval_split={cfg.eval_split} needs a dataset with splits, but data.path={cfg.path} is a file: "
             f"set data.eval_path to a held-out file, or data.eval_split=null to hold out data.eval_size rows"
         )
-    eval_pairs, reports["eval"] = prepare(read_rows(eval_source, cfg.eval_split), cfg.format, tokenizer,
-                                          **options)
-    return Splits(pairs, eval_pairs, reports)
+    splits.eval, splits.reports["eval"] = prepare(read_rows(eval_source, cfg.eval_split), cfg.format, tokenizer,
+                                                  **options)
+    return splits

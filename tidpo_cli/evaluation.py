@@ -1,0 +1,211 @@
+"""`tidpo eval`: score a trained model on preference pairs against its reference; write eval.json and eval.md.
+
+The config is the run's own (its `.hydra/overrides.yaml` composed again) with the command line's overrides on
+top, so `tidpo eval RUN` scores the run's held-out pairs with its loss and beta, and `data=...` or
+`loss.beta=...` change what is scored. The numbers are those of training's held-out evaluation
+(`trainer.evaluate`: TRL's metric names, no anchors), plus per-token mean log-probs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .anchors import generate
+from .cli import compose_config
+from .data.examples import TokenizedPair
+from .data.splits import load_splits
+from .errors import UserError
+from .modeling import pick_device
+from .objective import TokenIds
+from .trained import Trained, load_hf, load_trained, locate, reference_source
+
+TABLE = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+         "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "loss")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        raise UserError(f"tidpo eval: {message} (see tidpo eval --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tidpo eval",
+        description="Preference accuracy, reward margins and log-probs of a trained model on a split, against "
+                    "the reference model its run used; optional sample generations. Writes eval.json and eval.md.",
+        epilog="MODEL is a run directory (its final/ model), RUN/checkpoints/step-N, or an HF model directory. "
+               "OVERRIDES are `tidpo train` overrides (data=hh_rlhf data.path=FILE, loss=dpo, loss.beta=0.05, "
+               "trainer.eval_batch_size=8, ...) applied on top of the run's own config.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="run directory, checkpoint, or HF model directory")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="GROUP=OPTION or KEY=VALUE")
+    parser.add_argument("--reference", metavar="PATH",
+                        help="reference model (HF directory or hub name); default: the one the run used")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval",
+                        help="the held-out pairs (default) or the training pairs of the data config")
+    parser.add_argument("--max-pairs", type=int, metavar="N", help="score only the first N pairs of the split")
+    parser.add_argument("--samples", type=int, default=0, metavar="N",
+                        help="generate N responses per prompt from the model (default 0)")
+    parser.add_argument("--sample-prompts", type=int, default=4, metavar="K",
+                        help="... for the first K prompts of the split (default 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="sample length limit (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval, else ./eval)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    return parser
+
+
+def eval_main(argv: list[str]) -> None:
+    args = build_parser().parse_intermixed_args(argv)
+    for flag in ("max_pairs", "samples", "sample_prompts", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "samples" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be at least {0 if flag == 'samples' else 1}, got {value}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UserError(f"--temperature must be a positive number, got {args.temperature:g}")
+
+    _, _, run_dir = locate(args.model)
+    cfg = compose_config(combined_overrides(run_overrides(run_dir), args.overrides))  # stops before loading
+    device = pick_device(args.device, key="--device")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if cfg.trainer.precision == "bf16" else nullcontext
+    trained = load_trained(args.model, device)
+    reference, reference_name = load_reference(args.reference, trained, device)
+
+    splits = load_splits(cfg.data, trained.tokenizer, seed=cfg.seed, held_out_only=args.split == "eval")
+    pairs = splits.eval if args.split == "eval" else splits.train
+    if not pairs:
+        raise UserError(f"the {args.split} split of this data config has no pairs: set data.eval_path=FILE (or "
+                        "data.eval_size > 0), or use --split train")
+    pairs = pairs[: args.max_pairs] if args.max_pairs else pairs
+    ids = TokenIds(pad=trained.tokenizer.pad_token_id, eos=trained.tokenizer.eos_token_id,
+                   max_length=cfg.data.max_length)
+
+    from .trainer import evaluate  # the same held-out evaluation training runs
+
+    print(f"model {trained.source}; reference {reference_name}; {len(pairs)} {args.split} pairs; "
+          f"loss {cfg.loss.name} (beta {cfg.loss.beta:g})", file=sys.stderr)
+    metrics = {k.removeprefix("eval/"): v for k, v in
+               evaluate(trained.model, reference, pairs, cfg, ids, device, autocast).items()}
+    metrics.update(per_token_logps(metrics, pairs))
+    samples = sample_generations(trained, pairs, args) if args.samples else []
+
+    report = {
+        "model": str(trained.source), "reference": reference_name, "run_dir": str(run_dir) if run_dir else None,
+        "split": args.split, "pairs": len(pairs), "data": data_description(cfg.data),
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True), "overrides": list(args.overrides),
+        "metrics": metrics, "samples": samples,
+    }
+    out = Path(args.out).expanduser() if args.out else (run_dir / "eval" if run_dir else Path("eval"))
+    write_report(report, out)
+
+
+def run_overrides(run_dir: Path | None) -> list[str]:
+    """What the run's user typed (`.hydra/overrides.yaml`), without Hydra's own settings: composing them again
+    gives the run's config."""
+    path = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    return [o for o in OmegaConf.load(path) if not str(o).lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def combined_overrides(run: list[str], given: list[str]) -> list[str]:
+    """The run's overrides, then the given ones. A group the command line picks anew (`data=hh_rlhf`) drops the
+    run's settings of that group, which belonged to the option it replaces."""
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    groups = {key(o) for o in given if "=" in o and "." not in key(o)}
+    kept = [o for o in run if key(o) not in groups and key(o).split(".", 1)[0] not in groups]
+    return kept + list(given)
+
+
+def load_reference(given: str | None, trained: Trained, device: torch.device):
+    """(reference model, its name): `--reference`, else the reference the run used."""
+    source = given or reference_source(trained)
+    if source is None:
+        raise UserError(f"the reference model of {trained.source} is not known (it is not inside a tidpo run "
+                        "directory): give it with --reference PATH_OR_HUB_NAME (usually the model you started from)")
+    model, _ = load_hf(source, device)
+    return model, str(source)
+
+
+def per_token_logps(metrics: dict[str, float], pairs: list[TokenizedPair]) -> dict[str, float]:
+    """Mean log-prob per response token, from the per-pair sums and the pairs' response lengths."""
+    out = {}
+    for side, lengths in (("chosen", [len(p.chosen_ids) for p in pairs]),
+                          ("rejected", [len(p.rejected_ids) for p in pairs])):
+        if f"logps/{side}" in metrics:
+            out[f"logps/{side}_per_token"] = metrics[f"logps/{side}"] * len(pairs) / max(1, sum(lengths))
+    return out
+
+
+def sample_generations(trained: Trained, pairs: list[TokenizedPair], args: argparse.Namespace) -> list[dict]:
+    """`--samples` responses for each of the first `--sample-prompts` prompts, with the pair's own responses."""
+    tokenizer, device = trained.tokenizer, next(trained.model.parameters()).device
+    chosen = pairs[: args.sample_prompts]
+    contexts = [torch.tensor(p.prompt_ids, device=device) for p in chosen for _ in range(args.samples)]
+    outputs = generate(trained.model, contexts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=1.0,
+                       seed=args.seed)
+
+    def text(ids) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    return [{"where": p.where, "prompt": text(p.prompt_ids), "chosen": text(p.chosen_ids),
+             "rejected": text(p.rejected_ids),
+             "samples": [text(o) for o in outputs[i * args.samples:(i + 1) * args.samples]]}
+            for i, p in enumerate(chosen)]
+
+
+def data_description(data_cfg: DictConfig) -> dict:
+    keys = ("format", "path", "split", "eval_path", "eval_split", "eval_size", "max_length", "max_prompt_length")
+    return {k: data_cfg[k] for k in keys}
+
+
+def render_markdown(report: dict) -> str:
+    loss = report["loss"]
+    lines = [
+        "# tidpo eval", "",
+        f"- model: `{report['model']}`",
+        f"- reference: `{report['reference']}`",
+        f"- data: {report['pairs']} pairs of the {report['split']} split of "
+        f"`{report['data']['eval_path'] or report['data']['path'] or report['data']['format']}`",
+        f"- loss: `{loss['name']}`, beta {loss['beta']:g}"
+        + (" (rewards use the importance-weighted margins)" if loss["name"] == "tidpo" else ""),
+        "", "| metric | value |", "|---|---:|",
+    ]
+    metrics = report["metrics"]
+    names = [n for n in TABLE if n in metrics] + sorted(n for n in metrics if n not in TABLE)
+    lines += [f"| {name} | {metrics[name]:.4f} |" for name in names]
+    for i, item in enumerate(report["samples"]):
+        lines += ["", f"## Samples for prompt {i + 1} ({item['where']})", "", "Prompt:", "", _quoted(item["prompt"]),
+                  "", "Chosen:", "", _quoted(item["chosen"]), "", "Rejected:", "", _quoted(item["rejected"])]
+        for j, sample in enumerate(item["samples"]):
+            lines += ["", f"Sample {j + 1}:", "", _quoted(sample)]
+    return "\n".join(lines) + "\n"
+
+
+def _quoted(text: str) -> str:
+    return "\n".join("    " + line for line in (text or "(empty)").splitlines() or [""])
+
+
+def write_report(report: dict, out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output directory '{out}': {e.strerror or e}; pick another --out") from None
+    table = render_markdown(report)
+    (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "eval.md").write_text(table, encoding="utf-8")
+    print(table.split("\n## ")[0].rstrip())
+    print(f"\nwrote {out / 'eval.json'}\nwrote {out / 'eval.md'}")
