@@ -143,6 +143,16 @@ def _one_line(e: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _cpu_accelerator_for_deepspeed() -> None:
+    """DeepSpeed (imported by transformers and accelerate when saving) warns on every start without a GPU that
+    it "falls back" to the CPU; on a machine with no GPU that is the plan, so say so up front."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -152,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tidpo {__version__}")
         return
     command, args = argv[0], argv[1:]
+    _cpu_accelerator_for_deepspeed()
     if command == "train":
         run_train(args)
     elif command in SUBCOMMANDS:

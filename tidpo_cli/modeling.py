@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,7 +97,9 @@ def add_lora(model: PreTrainedModel, lora_cfg: DictConfig):
                         target_modules=targets if isinstance(targets, str) else list(targets),
                         task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT asks transformers 5 about checkpointing by its deprecated name
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name the model does not have
         first = str(e).strip().splitlines()[0]
         raise UserError(f"model.lora.target_modules={targets}: {first}") from None

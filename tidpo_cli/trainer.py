@@ -125,7 +125,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         save_hf_model(policy, tokenizer, run_dir / "reference")
     policy, reference, peft_model = with_reference(policy, cfg.model, reference=cfg.loss.name != "sft")
     if t.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns); older releases have only the old one.
+        (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     policy.train()
     log.info("model: %s, %.2fM parameters (%.2fM trainable%s), on %s",
              cfg.model.name_or_path or "tiny Llama (random init)", sum(p.numel() for p in policy.parameters()) / 1e6,
