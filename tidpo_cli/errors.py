@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2, no traceback."""
+import argparse
 
 
 class UserError(Exception):
@@ -11,3 +12,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Data that cannot be read or used: the message names the file, the row and the fix."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for the subcommands: a command-line mistake is a UserError (one line, exit 2) like every other."""
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

@@ -22,7 +22,7 @@ from .anchors import generate
 from .cli import compose_config
 from .data.examples import TokenizedPair
 from .data.splits import load_splits
-from .errors import UserError
+from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
 from .trained import Trained, load_hf, load_trained, locate, reference_source
@@ -31,13 +31,8 @@ TABLE = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rej
          "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "loss")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
-        raise UserError(f"tidpo eval: {message} (see tidpo eval --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="tidpo eval",
         description="Preference accuracy, reward margins and log-probs of a trained model on a split, against "
                     "the reference model its run used; optional sample generations. Writes eval.json and eval.md.",

@@ -31,7 +31,7 @@ from .data.examples import BadRow, PreferenceExample
 from .data.formats import FORMATS, detect_format, to_example
 from .data.readers import read_rows
 from .data.tokenize import tokenize_example
-from .errors import UserError
+from .errors import CommandLineParser, UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
 from .modeling import pick_device
 from .trained import load_trained, locate, run_config
@@ -322,15 +322,8 @@ def _example_png(subfig, table: dict, sides: list[str], widest: int, cell: float
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-class _Parser(argparse.ArgumentParser):
-    """Command-line mistakes become a UserError: one line, exit 2, like every other user error."""
-
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
-        raise UserError(f"tidpo explain: {message} (see tidpo explain --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="tidpo explain",
         description="Show which response tokens TI-DPO weighs: explain.html, explain.png, explain.json.",
         epilog="MODEL is a run directory (its final/ model, and the run's loss.importance lam / sigma_div unless "

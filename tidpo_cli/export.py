@@ -13,18 +13,13 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import save_hf_model
-from .errors import UserError
+from .errors import CommandLineParser, UserError
 from .modeling import DTYPES
 from .trained import load_trained
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
-        raise UserError(f"tidpo export: {message} (see tidpo export --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tidpo export",
+    parser = CommandLineParser(prog="tidpo export",
                      description="Write a trained model as an HF model directory (LoRA merged): safetensors "
                                  "weights, config.json, generation config, tokenizer.")
     parser.add_argument("source", metavar="SOURCE", help="run directory, RUN/checkpoints/step-N, or HF model directory")
