@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them as one line and exits with code 2, no traceback."""
+
 import argparse
 
 
