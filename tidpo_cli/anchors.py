@@ -51,13 +51,16 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
     was_training = model.training
     model.eval()
     devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    # Several processes step generation together until every one is done: under ZeRO-3 each forward gathers
+    # the partitioned weights from all ranks, so a rank that stopped early would leave the others waiting.
+    synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
                 top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                use_cache=True,
+                use_cache=True, synced_gpus=synced,
             )
     finally:
         model.train(was_training)

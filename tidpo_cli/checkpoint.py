@@ -27,8 +27,9 @@ from .errors import UserError
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_hf_model(model, tokenizer, out_dir: Path) -> Path:
-    """An HF model directory (safetensors weights, config, generation config, tokenizer) at `out_dir`.
+def save_hf_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
+    """An HF model directory (safetensors weights, config, generation config, tokenizer) at `out_dir`;
+    `state_dict` (e.g. gathered from ZeRO-3 partitions) instead of the model's own weights when given.
 
     Written to a temporary sibling and renamed when complete, so `out_dir` is never half-written;
     an existing `out_dir` is replaced only after the new one is complete.
@@ -37,7 +38,7 @@ def save_hf_model(model, tokenizer, out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _replace(tmp, out_dir)
     return out_dir
@@ -65,8 +66,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as f:
+    for item in path.iterdir():
+        if item.is_dir():
+            _fsync_tree(item)
+            continue
+        with open(item, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(path)
 
@@ -105,30 +109,40 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, cfg: DictConfig,
-                    keep_last: int | None) -> Path:
-    """Write `checkpoints/step-N/` atomically; then drop all but the newest `keep_last` checkpoints."""
+def save_checkpoint(run_dir: Path, state: TrainState, engine, cfg: DictConfig, keep_last: int | None,
+                    dist=None) -> Path:
+    """Write `checkpoints/step-N/` atomically; then drop all but the newest `keep_last` checkpoints.
+
+    Every rank writes its own part (the engine's shards under DeepSpeed, its RNG streams); rank 0 makes the
+    temporary directory, writes the loop state and config, and renames it when all ranks are done.
+    """
+    from .distributed import Dist
+
+    dist = dist or Dist()
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.tmp"
-    for stale in root.glob("*.tmp"):
-        shutil.rmtree(stale)
-    tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
+    if dist.main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    dist.barrier()
+    engine.save(tmp)
     _pause_for_tests(state.step)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     plain, tensors = rng_state()
-    save_file(tensors, str(tmp / f"rng-rank{_rank()}.safetensors"))
-    (tmp / f"rng-rank{_rank()}.json").write_text(json.dumps(plain))
-    (tmp / "state.json").write_text(json.dumps(state.__dict__))
-    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    _fsync_tree(tmp)
-    _replace(tmp, final)
-    if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    save_file(tensors, str(tmp / f"rng-rank{dist.rank}.safetensors"))
+    (tmp / f"rng-rank{dist.rank}.json").write_text(json.dumps(plain))
+    dist.barrier()
+    if dist.main:
+        (tmp / "state.json").write_text(json.dumps(state.__dict__))
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        _fsync_tree(tmp)
+        _replace(tmp, final)
+        if keep_last:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    dist.barrier()
     return final
 
 
@@ -192,12 +206,13 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and every RNG from `path`; return the loop's state."""
-    load_weights(model, path / "model.safetensors")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+def load_checkpoint(path: Path, engine) -> TrainState:
+    """Restore the engine (model, optimizer, scheduler), this rank's RNG streams, and the loop's state."""
+    engine.load(path)
     rank = _rank()
+    if not (path / f"rng-rank{rank}.json").is_file():
+        raise UserError(f"{path} has no RNG state for rank {rank}: it was written by fewer processes; resume "
+                        "with the number of processes that wrote it")
     set_rng_state(json.loads((path / f"rng-rank{rank}.json").read_text()),
                   load_file(str(path / f"rng-rank{rank}.safetensors")))
     return TrainState(**json.loads((path / "state.json").read_text()))

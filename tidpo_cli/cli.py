@@ -95,7 +95,7 @@ def run_train(args: list[str]) -> None:
     # Let errors reach us instead of Hydra's own report, so a user's mistake is one line with exit code 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     entry = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_train_job)
-    sys.argv = ["tidpo train", *args]
+    sys.argv = ["tidpo train", *args, *_shared_run_dir(args)]
     try:
         entry()
     except UserError as e:
@@ -123,6 +123,20 @@ def compose_config(overrides: list[str]):
             raise
         raise UserError(_one_line(e)) from None
     return validate(cfg)
+
+
+def _shared_run_dir(args: list[str]) -> list[str]:
+    """Under torchrun or srun every process runs `tidpo train`; they must all write to one run directory,
+    which a timestamp taken by each would not give. Named after the launch's id unless the user names it."""
+    from .distributed import world_size_from_env
+
+    if world_size_from_env() == 1 or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        return []
+    run_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id == "none":
+        fail("several processes need one run directory: add hydra.run.dir=runs/NAME (torchrun --standalone and "
+             "SLURM jobs get runs/distributed/<id> by themselves)")
+    return [f"hydra.run.dir=runs/distributed/{run_id}"]
 
 
 def _is_composition_error(e: Exception) -> bool:

@@ -181,12 +181,20 @@ class LoggerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    enabled: bool = key()
+    zero_optimization: Dict[str, Any] = key()  # passed to DeepSpeed as written
+    reference_offload: bool = key()
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     seed: int = key(at_least(0))
     experiment: Optional[Dict[str, Any]] = key(default=None)  # set by +experiment=NAME; no keys of its own
 
@@ -257,6 +265,13 @@ def _check_relations(cfg: DictConfig) -> None:
             raise ConfigError(f"data.synthetic.max_changed={s.max_changed} must be < min_items={s.min_items}")
     elif d.path is None:
         raise ConfigError(f"data.path is required for data.format={d.format}: a file, a directory or a hub name")
+    ds = cfg.deepspeed
+    if ds.enabled and ds.zero_optimization.get("stage") not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage={ds.zero_optimization.get('stage')} is not allowed: "
+                          "expected 1, 2 or 3 (deepspeed=zero1, zero2, zero3; deepspeed=none runs without DeepSpeed)")
+    if ds.enabled and ds.zero_optimization.get("stage") == 3 and cfg.model.lora.enabled:
+        raise ConfigError("model.lora with deepspeed=zero3 is not supported yet: use deepspeed=zero2 (LoRA's "
+                          "trainable weights are small, and ZeRO-2 partitions their optimizer state and gradients)")
     if cfg.model.name_or_path is None and cfg.model.config is None:
         raise ConfigError("model.name_or_path or model.config must be set (a model to load or one to build)")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:

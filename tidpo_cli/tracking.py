@@ -166,15 +166,26 @@ def hydra_job(run_dir: Path) -> dict[str, str]:
 
 
 class Tracker:
-    """Every sink a step's metrics go to. Only rank 0 makes one."""
+    """Every sink a step's metrics go to. Only rank 0 has sinks and a progress display; other ranks' trackers
+    stay quiet."""
 
-    def __init__(self, run_dir: Path, logger_cfg, total_steps: int, config: dict | None = None):
-        self.jsonl = JsonlSink(run_dir / "metrics.jsonl")
-        self.sinks = [self.jsonl]
-        if logger_cfg.wandb is not None and logger_cfg.wandb.mode != "disabled":
+    def __init__(self, run_dir: Path, logger_cfg, total_steps: int, config: dict | None = None, main: bool = True):
+        self.jsonl = JsonlSink(run_dir / "metrics.jsonl") if main else None
+        self.sinks = [self.jsonl] if main else []
+        if main and logger_cfg.wandb is not None and logger_cfg.wandb.mode != "disabled":
             self.sinks.append(WandbSink(logger_cfg.wandb, run_dir, config or {}, hydra_job(run_dir)))
-        self.progress = Progress(total_steps, logger_cfg.progress, logger_cfg.print_every)
+        self.progress = Progress(total_steps, logger_cfg.progress if main else "off", logger_cfg.print_every)
         self.log_every = logger_cfg.log_every
+        self.main = main
+
+    def resume_at(self, step: int) -> None:
+        """Continue after a checkpoint of `step`: rows a killed run logged after it are dropped."""
+        if self.jsonl is not None:
+            self.jsonl.truncate_after(step)
+        self.progress.start_step = step
+
+    def logged(self, step: int) -> dict[str, float]:
+        return self.jsonl.logged(step) if self.jsonl is not None else {}
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.log_every == 0 or step == self.progress.total:
@@ -187,6 +198,8 @@ class Tracker:
             sink.write(step, metrics)
         # The console gets the headline numbers; metrics.jsonl has them all.
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items() if k in EVAL_HEADLINE)
+        if not self.main:
+            return
         if self.progress.bar is not None:
             self.progress.bar.write(f"eval @ step {step}: {shown}")
             log.debug("eval @ step %d: %s", step, shown)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
 from .config import config_changes
+from .distributed import Dist, build_engine, setup, shard_reference
 from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
@@ -59,19 +60,28 @@ def seed_everything(seed: int) -> None:
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg: DictConfig, ids: TokenIds,
-                         *, seed: int, autocast=nullcontext) -> MetricSums:
-    """Backward over the micro-batches of one optimizer step; returns their metric sums.
+                         *, seed: int, autocast=nullcontext, engine=None, dist: Dist = Dist()) -> MetricSums:
+    """Backward over this rank's micro-batches of one optimizer step; returns their metric sums.
 
-    Each micro-batch's summed loss is divided by the items of the whole step (not of the micro-batch),
-    so the accumulated gradient is exactly that of one large batch, even when micro-batches hold
-    different numbers of response tokens.
+    Each micro-batch's summed loss is divided by the items of the whole step over every rank (not of the
+    micro-batch), so the accumulated gradient is exactly that of one large batch, even when micro-batches
+    hold different numbers of response tokens; times the world size, because the ranks' gradients are
+    averaged. `engine` (distributed.Engine) runs the backward and DeepSpeed's per-micro-batch step; without
+    it, plain `.backward()`. Micro-batch `j` of rank `r` samples with `seed + j * world + r`: the same seeds
+    whatever the split of a step's micro-batches over processes.
     """
-    items = sum(loss_items(b, loss_cfg.name) for b in micro_batches)
+    items = dist.sum([sum(loss_items(b, loss_cfg.name) for b in micro_batches)])[0]
     sums = MetricSums()
     for index, batch in enumerate(micro_batches):
         with autocast():
-            loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg, ids, seed=seed + index)
-        (loss_sum / items).backward()
+            loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg, ids,
+                                           seed=seed + index * dist.world + dist.rank)
+        loss = loss_sum / items * dist.world
+        if engine is None:
+            loss.backward()
+        else:
+            engine.backward(loss)
+            engine.micro_step()
         sums.merge(metrics)
     return sums
 
@@ -81,18 +91,27 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, autocast) -> dict[str, float]:
-    """Metrics of the held-out pairs, averaged over all of them, with an `eval/` prefix."""
+def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, autocast,
+             dist: Dist = Dist()) -> dict[str, float]:
+    """Metrics of the held-out pairs, averaged over all of them, with an `eval/` prefix.
+
+    Each rank scores every `world`-th pair. All ranks run the same number of batches (a rank that runs out
+    repeats its last one and drops its numbers): under ZeRO-3 every forward is a collective.
+    """
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
-    for index, batch in enumerate(eval_batches(pairs, cfg.trainer.eval_batch_size, ids.pad)):
+    batches = list(eval_batches(pairs[dist.rank::dist.world] or pairs[:1], cfg.trainer.eval_batch_size, ids.pad))
+    real = len(batches) if pairs[dist.rank::dist.world] else 0
+    for index in range(dist.max(len(batches))):
+        batch = batches[min(index, len(batches) - 1)]
         with autocast():
             _, metrics = batch_loss(policy, reference, to_device(batch, device), cfg.loss, ids,
                                     seed=cfg.seed + index, with_anchor=False)
-        sums.merge(metrics)
+        if index < real:
+            sums.merge(metrics)
     policy.train(was_training)
-    return sums.means(prefix="eval/")
+    return dist.sum_metrics(sums).means(prefix="eval/")
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
@@ -102,13 +121,20 @@ def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Run the whole training job that `cfg` (validated) describes; write everything into `run_dir`."""
+    """Run the whole training job that `cfg` (validated) describes; write everything into `run_dir`.
+
+    Every process of a distributed job runs this; rank 0 alone writes metrics, logs progress and saves models.
+    """
     t = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
+    dist = setup(pick_device(t.device))
+    device = dist.device
+    if not dist.main:
+        log.setLevel(logging.WARNING)  # one voice in train.log: rank 0's
     seed_everything(cfg.seed)
-    device = pick_device(t.device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+        if t.precision == "bf16" and not cfg.deepspeed.enabled else nullcontext  # DeepSpeed casts to bf16 itself
 
     tokenizer = load_tokenizer(cfg.model)
     splits = load_splits(cfg.data, tokenizer, seed=cfg.seed)  # data problems surface before a big model loads
@@ -119,7 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     log.info("pairs: %d train, %d held out", len(splits.train), len(splits.eval))
 
     policy = load_policy(cfg.model, tokenizer).to(device)
-    if cfg.model.name_or_path is None and not (run_dir / "reference").exists():
+    if dist.main and cfg.model.name_or_path is None and not (run_dir / "reference").exists():
         # A model built from random weights exists nowhere else: keep it, so `tidpo eval` can use the reference
         # this run used, and a LoRA adapter has its base.
         save_hf_model(policy, tokenizer, run_dir / "reference")
@@ -128,31 +154,36 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         # transformers 5 renamed it (the old name warns); older releases have only the old one.
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
     policy.train()
-    log.info("model: %s, %.2fM parameters (%.2fM trainable%s), on %s",
+    log.info("model: %s, %.2fM parameters (%.2fM trainable%s), on %s%s",
              cfg.model.name_or_path or "tiny Llama (random init)", sum(p.numel() for p in policy.parameters()) / 1e6,
              sum(p.numel() for p in policy.parameters() if p.requires_grad) / 1e6,
-             ": LoRA adapters" if peft_model else "", device)
+             ": LoRA adapters" if peft_model else "", device,
+             f", {dist.world} processes, DeepSpeed ZeRO-{cfg.deepspeed.zero_optimization.stage}"
+             if cfg.deepspeed.enabled else "")
 
     ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
+    # One global stream of micro-batches, the same on every rank; rank r takes micro-batches r, r + world, ...
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
                          shuffle=cfg.data.shuffle)
-    steps = total_steps(cfg, stream.batches_per_epoch)
+    steps = total_steps(cfg, stream.batches_per_epoch // dist.world)
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, steps)
-    tracker = Tracker(run_dir, cfg.logger, steps, config=OmegaConf.to_container(cfg, resolve=True))
+    reference = shard_reference(reference, cfg, dist)
+    engine = build_engine(policy, optimizer, scheduler, cfg, dist)
+    model = engine.module  # what forward passes call: under DeepSpeed the engine, whose hooks they need
+    tracker = Tracker(run_dir, cfg.logger, steps, config=OmegaConf.to_container(cfg, resolve=True), main=dist.main)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(policy, reference, splits.eval, cfg, ids, device, autocast)
+        metrics = evaluate(model, reference, splits.eval, cfg, ids, device, autocast, dist)
         tracker.log_eval(step, metrics)
         return metrics
 
     state = TrainState(step=0, epoch=0, position=0)
     checkpoint = find_resume_checkpoint(run_dir, t.resume)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, engine)
         stream.epoch, stream.position = state.epoch, state.position
-        tracker.jsonl.truncate_after(state.step)  # rows a killed run logged after this checkpoint
-        tracker.progress.start_step = state.step
+        tracker.resume_at(state.step)
         log.info("resumed from %s (step %d of %d)", checkpoint, state.step, steps)
         changed = config_changes(OmegaConf.load(checkpoint / "config.yaml"), cfg)
         if changed:  # allowed (e.g. more steps), but a resumed run then differs from an uninterrupted one
@@ -160,34 +191,32 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def checkpoint_now() -> None:
         state.epoch, state.position = stream.epoch, stream.position
-        path = save_checkpoint(run_dir, state, policy, optimizer, scheduler, cfg, t.keep_last)
+        path = save_checkpoint(run_dir, state, engine, cfg, t.keep_last, dist)
         log.info("checkpoint: %s", path)
 
-    if state.step == 0:
-        before = run_eval(0) if splits.eval and t.eval_before else {}
-    else:
-        before = tracker.jsonl.logged(0)
+    before = (run_eval(0) if splits.eval and t.eval_before else {}) if state.step == 0 else tracker.logged(0)
     signals = StopSignals()
     batches = iter(stream)
     try:
         while state.step < steps:
             step = state.step + 1
             started = time.perf_counter()
-            micro_batches = [to_device(next(batches), device) for _ in range(t.grad_accum)]
+            micro_batches = [to_device(b, device) for k, b in
+                             enumerate(next(batches) for _ in range(t.grad_accum * dist.world))
+                             if k % dist.world == dist.rank]
             # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
-            sums = accumulate_gradients(policy, reference, micro_batches, cfg.loss, ids,
-                                        seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum, autocast=autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.max_grad_norm or float("inf"))
-            metrics = sums.means()
-            if math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm)):
-                optimizer.step()
-                scheduler.step()
+            sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids,
+                                        seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum * dist.world,
+                                        autocast=autocast, engine=engine, dist=dist)
+            metrics = dist.sum_metrics(sums).means()
+            grad_norm, stepped = engine.step(math.isfinite(metrics["loss"]))
+            if stepped:
                 state.bad_steps = 0
-            else:  # skip the update, keep the weights: one bad batch must not poison the run
+            else:  # the update was skipped, the weights kept: one bad batch must not poison the run
                 state.bad_steps += 1
                 state.skipped_steps += 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped",
-                            step, metrics["loss"], float(grad_norm))
+                            step, metrics["loss"], grad_norm)
                 if state.bad_steps >= t.max_bad_steps:
                     newest = find_resume_checkpoint(run_dir, "auto")
                     raise UserError(
@@ -195,16 +224,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                         f"gradient (trainer.max_bad_steps={t.max_bad_steps}); last good checkpoint: "
                         f"{newest or 'none'}. Try a lower trainer.lr, trainer.max_grad_norm, or "
                         f"trainer.precision=fp32")
-            optimizer.zero_grad(set_to_none=True)
             state.step = step
 
             elapsed = time.perf_counter() - started
-            pairs = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            pairs, tokens = dist.sum([sum(b["input_ids"].shape[0] // 2 for b in micro_batches),
+                                      sum(int(b["attention_mask"].sum()) for b in micro_batches)])
             tracker.log_train(step, {
                 **metrics,
-                "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "lr": engine.lr,
                 "epoch": stream.epoch + stream.position / (stream.batches_per_epoch * t.micro_batch_size),
                 "train/skipped_steps": state.skipped_steps,
                 "perf/samples_per_s": pairs / elapsed,
@@ -227,14 +255,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         signals.restore()
         tracker.close()
     if t.save_final:
-        if peft_model is not None:
-            if cfg.model.name_or_path is None:  # so PeftModel.from_pretrained finds the random-init base
-                peft_model.peft_config["default"].base_model_name_or_path = str((run_dir / "reference").resolve())
-            save_hf_model(peft_model, tokenizer, run_dir / "adapter")  # the PEFT adapter alone
-            policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
-        save_hf_model(policy, tokenizer, run_dir / "final")
-    _summary(cfg, run_dir, before, after)
+        save_final(engine, policy, peft_model, tokenizer, cfg, run_dir, dist)
+    if dist.main:
+        _summary(cfg, run_dir, before, after)
     return after
+
+
+def save_final(engine, policy, peft_model, tokenizer, cfg: DictConfig, run_dir: Path, dist: Dist) -> None:
+    """`final/` (a plain HF model; LoRA merged) and, for LoRA, `adapter/`; written by rank 0. Under ZeRO-3
+    the weights are first gathered from every rank's partitions."""
+    state_dict = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+    if not dist.main:
+        dist.barrier()
+        return
+    if peft_model is not None:
+        if cfg.model.name_or_path is None:  # so PeftModel.from_pretrained finds the random-init base
+            peft_model.peft_config["default"].base_model_name_or_path = str((run_dir / "reference").resolve())
+        save_hf_model(peft_model, tokenizer, run_dir / "adapter")  # the PEFT adapter alone
+        policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
+    save_hf_model(policy, tokenizer, run_dir / "final", state_dict=state_dict)
+    dist.barrier()
 
 
 def resident_mb() -> float:
