@@ -174,13 +174,17 @@ def load_weights(model, path: Path) -> None:
     if not trainable_only:
         load_model(model, str(path))
         return
-    tensors = load_file(str(path))
+    fill_weights(model, load_file(str(path)), path)
+
+
+def fill_weights(model, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Put `tensors` into `model`; they must name every trainable weight of it and nothing it lacks."""
     missing = {n for n, p in model.named_parameters() if p.requires_grad} - tensors.keys()
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
     if missing or unexpected:
-        raise UserError(f"{path} does not fit this model ({len(missing)} trainable weights missing, "
+        raise UserError(f"{where} does not fit this model ({len(missing)} trainable weights missing, "
                         f"{len(unexpected)} unknown, e.g. {sorted(missing or unexpected)[0]}): was it saved "
-                        "with other model.lora settings?")
+                        "with other model settings (model.lora, model.config)?")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

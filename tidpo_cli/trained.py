@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import list_checkpoints, load_weights
+from .checkpoint import fill_weights, list_checkpoints, load_weights
+from .distributed import read_engine_weights
 from .errors import UserError
 
 ACCEPTED = "a run directory, RUN/final, RUN/checkpoints/step-N, or an HF model directory"
@@ -87,12 +88,15 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
         # LoRA over a model built from random weights: the frozen base is the one the run saved.
         model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(base), "tokenizer": cfg.model.tokenizer})
     model = load_policy(model_cfg, tokenizer)
-    if cfg.model.lora.enabled:
-        peft_model = add_lora(model, cfg.model.lora)
-        load_weights(peft_model.get_base_model(), source / "model.safetensors")
-        model = peft_model.merge_and_unload()
+    peft_model = add_lora(model, cfg.model.lora) if cfg.model.lora.enabled else None
+    target = peft_model.get_base_model() if peft_model is not None else model
+    engine_weights = read_engine_weights(source)  # a DeepSpeed checkpoint: shards merged on the CPU
+    if engine_weights is None:
+        load_weights(target, source / "model.safetensors")
     else:
-        load_weights(model, source / "model.safetensors")
+        fill_weights(target, engine_weights, source)
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
     return Trained(_frozen(model, device), tokenizer, source, run_dir, cfg)
 
 

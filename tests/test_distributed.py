@@ -1,0 +1,153 @@
+"""DeepSpeed for real: 2 processes under torchrun with the gloo backend on the CPU, against one process with the
+same global batch; ZeRO-3 save, resume and the gathered final model; the launch environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import compose_config, run_tidpo
+from tidpo_cli.distributed import deepspeed_config, first_host, launch_env, read_engine_weights
+from tidpo_cli.errors import UserError
+
+# 5 steps of 8 pairs: one process takes 2 micro-batches of 4, two processes take one each.
+BASE = ["data.synthetic.num_train=96", "data.eval_size=16", "trainer.micro_batch_size=4", "trainer.eval_batch_size=8",
+        "trainer.schedule=constant", "trainer.warmup_steps=1", "trainer.save_every=5", "logger.progress=off",
+        "loss.anchor.max_new_tokens=6"]
+# ZeRO-3 keeps tensors below the persistence threshold whole on every rank, which is every tensor of the tiny
+# model: 0 partitions them all, so the gathers, the synced generation and the sharded reference are exercised.
+ZERO = {"zero2": ["deepspeed=zero2"],
+        "zero3": ["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]}
+COMPARED = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "importance/max",
+            "triplet/loss", "anchor/length")
+
+
+def torchrun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tidpo_cli.cli", "train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in rows(run_dir) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, 2 micro-batches of 4 per step, for each loss."""
+    root = tmp_path_factory.mktemp("single")
+    out = {}
+    for loss in ("dpo", "tidpo"):
+        result = run_tidpo(["train", f"loss={loss}", *BASE, "trainer.max_steps=5", "trainer.grad_accum=2",
+                            f"hydra.run.dir={root / loss}"], cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[loss] = root / loss
+    return out
+
+
+@pytest.mark.parametrize("loss", ["dpo", "tidpo"])
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_match_one_process(single, tmp_path, loss, zero):
+    result = torchrun([f"loss={loss}", *BASE, *ZERO[zero], "trainer.max_steps=5", "trainer.grad_accum=1",
+                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = train_rows(tmp_path / "run"), train_rows(single[loss])
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, want):
+        for name in COMPARED:
+            if name in b:
+                assert a[name] == pytest.approx(b[name], abs=1e-4), (a["step"], name)
+    if loss == "tidpo":
+        assert all(r["anchor/length"] > 0 and r["importance/max"] > 1 for r in got)
+    evals = [r for r in rows(tmp_path / "run") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 5]
+    assert evals[-1]["eval/loss"] == pytest.approx(rows(single[loss])[-1]["eval/loss"], abs=1e-4)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in log
+    assert log.count("held-out rewards/accuracies") == 1  # rank 0 speaks; rank 1 stays quiet
+
+
+def test_zero3_resume_continues_exactly_and_final_is_the_gathered_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    common = ["loss=tidpo", *BASE, *ZERO["zero3"], "trainer.grad_accum=1", "trainer.save_every=3",
+              "trainer.keep_last=null"]
+    whole = torchrun([*common, "trainer.max_steps=5", f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = torchrun([*common, "trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'part'}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step3 = tmp_path / "part" / "checkpoints" / "step-3"
+    assert (step3 / "engine").is_dir() and (step3 / "rng-rank1.json").is_file()
+    resumed = torchrun([*common, "trainer.max_steps=5", f"hydra.run.dir={tmp_path / 'part'}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "part" / "train.log").read_text()
+
+    got, want = train_rows(tmp_path / "part"), train_rows(tmp_path / "whole")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got[3:], want[3:]):
+        for name in COMPARED:
+            if name in b:
+                assert a[name] == pytest.approx(b[name], abs=1e-5), (a["step"], name)
+
+    # final/ is a whole HF model, written by rank 0 from the ZeRO-3 partitions: it loads in a plain process
+    # and holds the trained weights (those of the last checkpoint, merged from its shards on the CPU).
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "final").state_dict()
+    trained = read_engine_weights(tmp_path / "part" / "checkpoints" / "step-5")
+    assert set(trained) <= set(final)
+    for name, tensor in trained.items():
+        assert torch.equal(final[name], tensor), name
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "part" / "reference").state_dict()
+    assert any(not torch.equal(final[n], start[n]) for n in trained)
+
+
+def test_launch_env_from_srun_and_torchrun():
+    srun = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    env = launch_env(srun)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == str(20000 + 4242)
+    torchrun_env = {**srun, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3"}
+    assert launch_env(torchrun_env)["RANK"] == "3"  # torchrun inside an srun task: torchrun's numbers win
+    batch_shell = {k: v for k, v in srun.items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert "RANK" not in launch_env(batch_shell)  # the batch script itself is one process
+
+
+@pytest.mark.parametrize("nodes, first", [("vm", "vm"), ("gpu[03-05,9],cpu1", "gpu03"), ("a1,b2", "a1")])
+def test_first_host_of_a_nodelist(nodes, first, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the fallback parser
+    assert first_host(nodes) == first
+
+
+def test_deepspeed_config_comes_from_the_trainer_config():
+    cfg = compose_config(["deepspeed=zero3_offload", "trainer.micro_batch_size=2", "trainer.grad_accum=8",
+                          "trainer.max_grad_norm=0.5", "trainer.precision=bf16"])
+    ds = deepspeed_config(cfg, world=16)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 8, 256)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "optimizer" not in ds and "scheduler" not in ds  # the loop's own, passed to deepspeed.initialize
+    reference = deepspeed_config(cfg, world=16, optimizer=False)
+    assert reference["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "offload_optimizer" not in reference["zero_optimization"]
+
+
+def test_distributed_config_mistakes(tmp_path):
+    with pytest.raises(UserError, match="lora"):
+        compose_config(["deepspeed=zero3", "model.lora.enabled=true"])
+    with pytest.raises(UserError, match="stage"):
+        compose_config(["deepspeed=zero2", "deepspeed.zero_optimization.stage=4"])
+    # Several processes without a shared run id: told to name the run directory, before anything runs.
+    result = run_tidpo(["train"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_RUN_ID": "none"})
+    assert result.returncode == 2 and "hydra.run.dir" in result.stderr
+    assert not (tmp_path / "runs").exists()
