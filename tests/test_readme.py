@@ -22,14 +22,17 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"(<!-- docs-test: run -->\n)?```bash\n(.*?)```", README, flags=re.S)
 
 
-def commands(block: str) -> list[str]:
-    """The `tidpo ...` commands of a bash block: continuation lines joined, comments dropped."""
+def commands(block: str) -> list[list[str]]:
+    """The `tidpo ...` commands of a bash block (continuation lines joined, comments dropped); a launcher's
+    `... -m tidpo_cli.cli ARGS` (torchrun) or `... --module tidpo_cli.cli ARGS` (deepspeed) as `tidpo ARGS`."""
     text = block.replace("\\\n", " ")
     out = []
     for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("tidpo "):
-            out.append(shlex.split(line, comments=True))
+        words = shlex.split(line.strip(), comments=True)
+        if words[:1] == ["tidpo"]:
+            out.append(words)
+        elif "tidpo_cli.cli" in words and words[0] in ("torchrun", "deepspeed", "srun"):
+            out.append(["tidpo", *words[words.index("tidpo_cli.cli") + 1:]])
     return out
 
 
@@ -73,7 +76,7 @@ def test_every_other_command_parses(argv):
 
 
 def test_config_tables_list_every_option_in_conf():
-    for group in ("model", "data", "loss", "trainer", "logger", "experiment"):
+    for group in ("model", "data", "loss", "trainer", "logger", "deepspeed", "experiment"):
         row = re.search(rf"^\| `{group}` \| (.*?) \|", README, flags=re.M)
         assert row, f"no row for the {group} group"
         listed = set(re.findall(r"`([a-z0-9_]+)`", row.group(1)))
@@ -143,6 +146,7 @@ def test_paper_experiments_train_on_local_copies(local_hub, tmp_path, experiment
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r and "eval/loss" not in r] == [1, 2]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert "DeepSpeed ZeRO-" in (tmp_path / "run" / "train.log").read_text()  # a group of one process
     assert not (tmp_path / "run" / "reference").exists()  # a loaded model is its own record of the reference
 
 

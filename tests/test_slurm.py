@@ -60,8 +60,8 @@ def job_env(**extra) -> dict:
     return {**os.environ, "TIDPO_PYTHON": sys.executable, **extra}
 
 
-def submit(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    result = subprocess.run(["sbatch", "--parsable", *LOCAL_SBATCH, str(SBATCH_SCRIPT), *args], cwd=cwd,
+def submit(args: list[str], cwd: Path, env: dict | None = None, sbatch: tuple[str, ...] = ()) -> str:
+    result = subprocess.run(["sbatch", "--parsable", *LOCAL_SBATCH, *sbatch, str(SBATCH_SCRIPT), *args], cwd=cwd,
                             capture_output=True, text=True, timeout=60, env=env or job_env())
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
@@ -221,3 +221,27 @@ def test_launch_commands_and_early_errors(tmp_path):
     text = (tmp_path / f"tidpo-{sweep_flag}.out").read_text()
     assert states[sweep_flag] == "FAILED"
     assert "tidpo train -m hydra/launcher=slurm" in text
+
+
+def test_two_process_deepspeed_job_checkpoints_on_usr1_and_resumes_after_requeue(tmp_path):
+    """2 tasks' worth of training in one job: torchrun starts 2 processes (DeepSpeed ZeRO-2, gloo). USR1 before
+    the time limit reaches both through torchrun; they agree on the step, checkpoint together and stop; the
+    script requeues the job and the 2 processes of the next start resume from that checkpoint."""
+    run_dir = tmp_path / "run"
+    job_id = submit([*LONG, "deepspeed=zero2", "trainer.micro_batch_size=4", f"hydra.run.dir={run_dir}"],
+                    cwd=tmp_path, env=job_env(GPUS_PER_NODE="2"), sbatch=("--cpus-per-task=2",))
+    wait_for(lambda: len(train_steps(run_dir)) >= 3, "the first training steps", timeout=240, job_id=job_id)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    info = wait_job(job_id, timeout=400)
+    log = (tmp_path / f"tidpo-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert "torch.distributed.run" in log and "1 node(s) x 2 process(es)" in log
+    saved = re.search(r"received SIGUSR1: checkpoint saved at step (\d+)", log)
+    assert saved, log[-4000:]
+    step = int(saved.group(1))
+    train_log = (run_dir / "train.log").read_text()
+    assert "2 processes, DeepSpeed ZeRO-2" in train_log
+    assert f"resumed from {run_dir}/checkpoints/step-{step} (step {step} of {STEPS})" in train_log
+    assert (run_dir / "checkpoints" / f"step-{STEPS}" / "rng-rank1.json").is_file()
+    assert train_steps(run_dir) == list(range(1, STEPS + 1))  # every step exactly once
+    assert_final_model_loads(run_dir)

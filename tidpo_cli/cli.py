@@ -157,6 +157,19 @@ def _one_line(e: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _without_local_rank(args: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends `--local_rank=N` (it also sets LOCAL_RANK, which is what we read)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def _cpu_accelerator_for_deepspeed() -> None:
     """DeepSpeed (imported by transformers and accelerate when saving) warns on every start without a GPU that
     it "falls back" to the CPU; on a machine with no GPU that is the plan, so say so up front."""
@@ -168,7 +181,7 @@ def _cpu_accelerator_for_deepspeed() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _without_local_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         raise SystemExit(0 if argv else 2)

@@ -97,12 +97,17 @@ def first_host(nodelist: str) -> str:
     return head
 
 
-def setup(device: torch.device) -> Dist:
-    """Join the process group when there is more than one process: nccl on GPUs, gloo on CPUs."""
+def setup(device: torch.device, *, deepspeed_enabled: bool = False) -> Dist:
+    """Join the process group when there is more than one process, or DeepSpeed is on (it wants a group even
+    for one process, e.g. ZeRO-3 offload on one GPU): nccl on GPUs, gloo on CPUs."""
     env = launch_env()
     world = int(env.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not deepspeed_enabled:
         return Dist(device=device)
+    if world == 1:  # a group of one, on a free local port
+        env = {**env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ[name] = env[name]
     local_rank = int(env["LOCAL_RANK"])
@@ -114,6 +119,14 @@ def setup(device: torch.device) -> Dist:
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=int(env["RANK"]), world=world, local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def world_size_from_env() -> int:

@@ -128,7 +128,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     t = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
-    dist = setup(pick_device(t.device))
+    dist = setup(pick_device(t.device), deepspeed_enabled=cfg.deepspeed.enabled)
     device = dist.device
     if not dist.main:
         log.setLevel(logging.WARNING)  # one voice in train.log: rank 0's
@@ -243,10 +243,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 run_eval(step)
             if t.save_every and (step % t.save_every == 0 or step == steps):
                 checkpoint_now()  # also the last step, so a finished run can be extended with more steps
-            if signals.received is not None and step != steps:
+            # Every rank must stop at the same step (a checkpoint is a collective): stop when any got the signal.
+            stop = dist.max(signals.received or 0)
+            if stop and step != steps:
                 checkpoint_now()
                 log.info("received %s: checkpoint saved at step %d; exiting with code %d so the job is "
-                         "requeued; the next start resumes", signal.Signals(signals.received).name, step,
+                         "requeued; the next start resumes", signal.Signals(stop).name, step,
                          PREEMPTED_EXIT_CODE)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
 
