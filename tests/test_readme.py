@@ -24,7 +24,8 @@ BLOCKS = re.findall(r"(<!-- docs-test: run -->\n)?```bash\n(.*?)```", README, fl
 
 def commands(block: str) -> list[list[str]]:
     """The `tidpo ...` commands of a bash block (continuation lines joined, comments dropped); a launcher's
-    `... -m tidpo_cli.cli ARGS` (torchrun) or `... --module tidpo_cli.cli ARGS` (deepspeed) as `tidpo ARGS`."""
+    `... -m tidpo_cli.cli ARGS` (torchrun) or `... --module tidpo_cli.cli ARGS` (deepspeed) as `tidpo ARGS`,
+    and `sbatch ... scripts/slurm/train.sbatch OVERRIDES` as `tidpo train OVERRIDES`."""
     text = block.replace("\\\n", " ")
     out = []
     for line in text.splitlines():
@@ -33,6 +34,8 @@ def commands(block: str) -> list[list[str]]:
             out.append(words)
         elif "tidpo_cli.cli" in words and words[0] in ("torchrun", "deepspeed", "srun"):
             out.append(["tidpo", *words[words.index("tidpo_cli.cli") + 1:]])
+        elif words[:1] == ["sbatch"] and "scripts/slurm/train.sbatch" in words:
+            out.append(["tidpo", "train", *words[words.index("scripts/slurm/train.sbatch") + 1:]])
     return out
 
 
