@@ -238,6 +238,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 "perf/samples_per_s": pairs / elapsed,
                 "perf/tokens_per_s": tokens / elapsed,
                 "perf/rss_mb": resident_mb(),
+                **({"perf/peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
             })
             if splits.eval and t.eval_every and step % t.eval_every == 0 and step != steps:
                 run_eval(step)

@@ -1,0 +1,89 @@
+#!/bin/bash
+# On a machine with one NVIDIA GPU (CI never runs this): first checks that the GPU paths work (bf16 autocast,
+# DeepSpeed ZeRO-3 over nccl), then measures `tidpo train` throughput on a ~1B Llama built from config in bf16
+# with SDPA attention: dpo, tidpo_no_triplet and tidpo on HH-RLHF pairs (byte tokenizer, max_length 512,
+# 8 pairs per step). Writes $OUT/gpu_bench.json (tokens/s, samples/s, step time, peak memory, model-FLOPs
+# utilisation) and the runs' logs.
+#
+#   OUT=bench-gpu HH=path/to/hh-rlhf/test.jsonl.gz bash scripts/bench/gpu.sh
+#
+# MFU counts 8 x parameters per token (policy forward + backward, reference forward: DPO's work) against the
+# GPU's dense bf16 peak (PEAK_TFLOPS, default 989 for an H100/H200 SXM), for every loss, so the TI-DPO rows
+# show what its extra passes cost in DPO-equivalent throughput.
+set -uo pipefail
+OUT=${OUT:-bench-gpu}
+HH=${HH:-../shared/data/hh-rlhf-harmless-base/test.jsonl.gz}
+PY=${PYTHON:-python3}
+STEPS=${BENCH_STEPS:-20}
+WARMUP=${BENCH_WARMUP:-5}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+DEVICE=${DEVICE:-cuda}                     # DEVICE=cpu SIZE=small: a quick run of this script without a GPU
+SIZE=${SIZE:-1b}
+mkdir -p "$OUT"
+RUNS=$(mktemp -d)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+train() { "$PY" -m tidpo_cli.cli train trainer.device="$DEVICE" trainer.precision=bf16 logger.progress=plain "$@"; }
+status() { printf '%s %s\n' "$1" "$2" | tee -a "$OUT/checks.txt"; }
+
+: > "$OUT/checks.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || echo "$DEVICE" > "$OUT/gpu.txt"
+cat "$OUT/gpu.txt"
+
+# 1. The demo's TI-DPO run, shortened, on the GPU with bf16 autocast.
+if train trainer.max_steps=100 hydra.run.dir="$RUNS/tiny" > "$OUT/tiny.log" 2>&1; then
+  status tiny_bf16_tidpo "ok: $(grep -o 'held-out rewards/accuracies: .*' "$OUT/tiny.log")"
+else status tiny_bf16_tidpo "FAILED (tiny.log)"; fi
+
+# 2. DeepSpeed ZeRO-3 in one process (a process group of one, nccl), every tensor partitioned, bf16.
+if train loss=tidpo deepspeed=zero3 deepspeed.zero_optimization.stage3_param_persistence_threshold=0 \
+     trainer.max_steps=20 trainer.save_every=10 hydra.run.dir="$RUNS/zero3" > "$OUT/zero3.log" 2>&1 \
+   && "$PY" -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$RUNS/zero3/final')"; then
+  status zero3_nccl_bf16 "ok: $(grep -o 'held-out rewards/accuracies: .*' "$OUT/zero3.log")"
+else status zero3_nccl_bf16 "FAILED (zero3.log)"; fi
+
+# 3. Throughput on a ~1.1B Llama (hidden 2048, 16 layers), fp32 master weights, bf16 autocast.
+if [ "$SIZE" = 1b ]; then
+  MODEL=(model.config.hidden_size=2048 model.config.intermediate_size=5632 model.config.num_hidden_layers=16
+         model.config.num_attention_heads=16 model.config.num_key_value_heads=16)
+else MODEL=(); fi
+BIG=("${MODEL[@]}" model.config.max_position_embeddings=1024 data=hh_rlhf "data.path=$HH" data.max_length=512 data.max_prompt_length=256 data.eval_size=8
+     trainer.micro_batch_size=8 trainer.max_steps="$STEPS" trainer.eval_before=false trainer.save_every=0
+     trainer.save_final=false trainer.lr=1e-5 trainer.warmup_steps=0 logger.print_every=5)
+for loss in dpo tidpo_no_triplet tidpo; do
+  if train loss=$loss "${BIG[@]}" hydra.run.dir="$RUNS/$loss" > "$OUT/$loss.log" 2>&1; then
+    status "bench_$loss" ok
+    cp "$RUNS/$loss/metrics.jsonl" "$OUT/$loss.jsonl"
+  else status "bench_$loss" "FAILED ($loss.log)"; fi
+done
+
+"$PY" - "$OUT" "$WARMUP" "$PEAK_TFLOPS" <<'PYEOF'
+import json, statistics, sys
+from pathlib import Path
+out, warmup, peak = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) * 1e12
+params = None
+for line in (out / "dpo.log").read_text().splitlines() if (out / "dpo.log").exists() else []:
+    if "M parameters" in line:
+        params = float(line.split("model: ")[1].split(", ")[1].split("M parameters")[0]) * 1e6
+result = {"gpu": (out / "gpu.txt").read_text().strip(), "parameters": params, "warmup_steps_excluded": warmup,
+          "checks": (out / "checks.txt").read_text().splitlines(), "runs": {}}
+for loss in ("dpo", "tidpo_no_triplet", "tidpo"):
+    path = out / f"{loss}.jsonl"
+    if not path.exists():
+        continue
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and "eval/loss" not in r]
+    steady = rows[warmup:]
+    tokens = statistics.median(r["perf/tokens_per_s"] for r in steady)
+    result["runs"][loss] = {
+        "steps_measured": len(steady),
+        "tokens_per_s": tokens,
+        "samples_per_s": statistics.median(r["perf/samples_per_s"] for r in steady),
+        "step_s": statistics.median(8 / r["perf/samples_per_s"] for r in steady),
+        "peak_mem_gb": max(r.get("perf/peak_mem_gb", 0) for r in rows),
+        "mfu_dpo_flops": 8 * params * tokens / peak if params else None,
+    }
+dpo = result["runs"].get("dpo")
+for loss, run in result["runs"].items():
+    run["step_time_vs_dpo"] = run["step_s"] / dpo["step_s"] if dpo else None
+(out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
+print(json.dumps(result, indent=1))
+PYEOF
