@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from helpers import QUICK, compose_config, run_tidpo
 from tidpo_cli import objective
 from tidpo_cli.checkpoint import list_checkpoints, load_checkpoint
+from tidpo_cli.distributed import PlainEngine
 from tidpo_cli.errors import UserError
 from tidpo_cli.trainer import PREEMPTED_EXIT_CODE, train
 
@@ -107,7 +108,8 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, unint
     from tidpo_cli.schedule import build_optimizer, build_scheduler
     policy = load_policy(cfg.model, load_tokenizer(cfg.model))
     optimizer = build_optimizer(policy, cfg.trainer)
-    state = load_checkpoint(run_dir / "checkpoints" / "step-5", policy, optimizer, build_scheduler(optimizer, cfg.trainer, 40))
+    engine = PlainEngine(policy, optimizer, build_scheduler(optimizer, cfg.trainer, 40), cfg.trainer.max_grad_norm)
+    state = load_checkpoint(run_dir / "checkpoints" / "step-5", engine)
     assert state.step == 5
     result = run_tidpo(["train", *RUN, "loss=dpo", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -197,12 +199,13 @@ def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
     optimizer = build_optimizer(policy, cfg.trainer)
     scheduler = build_scheduler(optimizer, cfg.trainer, 10)
     state = TrainState(step=7, epoch=1, position=24, bad_steps=1, skipped_steps=3)
-    path = save_checkpoint(tmp_path, state, policy, optimizer, scheduler, cfg, keep_last=None)
+    engine = PlainEngine(policy, optimizer, scheduler, cfg.trainer.max_grad_norm)
+    path = save_checkpoint(tmp_path, state, engine, cfg, keep_last=None)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
     with torch.no_grad():
         for p in policy.parameters():
             p.zero_()
-    restored = load_checkpoint(path, policy, optimizer, scheduler)
+    restored = load_checkpoint(path, engine)
     assert restored == state
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
     assert any(p.abs().sum() > 0 for p in policy.parameters())

@@ -245,3 +245,23 @@ def test_two_process_deepspeed_job_checkpoints_on_usr1_and_resumes_after_requeue
     assert (run_dir / "checkpoints" / f"step-{STEPS}" / "rng-rank1.json").is_file()
     assert train_steps(run_dir) == list(range(1, STEPS + 1))  # every step exactly once
     assert_final_model_loads(run_dir)
+
+
+def test_one_srun_task_per_process_reads_rank_and_rendezvous_from_slurm(tmp_path):
+    """`srun --ntasks=2 tidpo train ...`: no torchrun; each task finds its rank, the world size and the first node
+    (MASTER_ADDR) in SLURM's variables, and both write into one run dir named after the job."""
+    command = (f"srun --ntasks=2 {sys.executable} -m tidpo_cli.cli train {' '.join(QUICK)} loss=dpo "
+               "deepspeed=zero2 trainer.micro_batch_size=4")
+    result = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--cpus-per-task=1", "--time=00:10:00",
+                             "--output=srun-%j.out", "--wrap", command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env=job_env())
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    info = wait_job(job_id, timeout=300)
+    output = (tmp_path / f"srun-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED", output[-4000:]
+    run_dir = tmp_path / "runs" / "distributed" / job_id
+    assert "2 processes, DeepSpeed ZeRO-2" in (run_dir / "train.log").read_text()
+    assert train_steps(run_dir) == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "step-3" / "rng-rank1.json").is_file()
+    assert_final_model_loads(run_dir)

@@ -131,3 +131,13 @@ def with_reference(policy: PreTrainedModel, model_cfg: DictConfig, *, reference:
         return policy, frozen_copy(policy) if reference else None, None
     peft_model = add_lora(policy, model_cfg.lora)
     return peft_model.get_base_model(), AdapterOff(peft_model) if reference else None, peft_model
+
+
+def _load_failure(what: str, source: str, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
+    looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not Path(source).exists():
+        return f"{what} path '{source}' does not exist: check model.name_or_path (or model.tokenizer)"
+    return (f"cannot load {what} '{source}': {first} (offline machines need a local copy: "
+            f"model.name_or_path=/path/to/model)")
