@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/tidpo train
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -151,3 +151,32 @@ def test_distributed_config_mistakes(tmp_path):
     result = run_tidpo(["train"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_RUN_ID": "none"})
     assert result.returncode == 2 and "hydra.run.dir" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_lora_under_zero2_resumes_and_matches_one_process(tmp_path):
+    """LoRA adapters on 2 processes (ZeRO-2): the same losses as one process, a checkpoint without the frozen
+    base, and an exact resume from it."""
+    from transformers import AutoModelForCausalLM
+
+    lora = ["loss=tidpo", *BASE, "model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.0",
+            "trainer.lr=1e-2", "trainer.save_every=3"]
+    single = run_tidpo(["train", *lora, "trainer.max_steps=5", "trainer.grad_accum=2",
+                        f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for steps in (3, 5):  # stop after the checkpoint at step 3, then resume to 5
+        result = torchrun([*lora, "deepspeed=zero2", f"trainer.max_steps={steps}", "trainer.grad_accum=1",
+                           f"hydra.run.dir={tmp_path / 'dist'}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "dist" / "train.log").read_text()
+    got, want = train_rows(tmp_path / "dist"), train_rows(tmp_path / "single")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, want):
+        for name in COMPARED:
+            if name in b:
+                assert a[name] == pytest.approx(b[name], abs=1e-4), (a["step"], name)
+    saved = torch.load(tmp_path / "dist" / "checkpoints" / "step-3" / "engine" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    assert saved and all("lora_" in name for name in saved)  # the frozen base stays out of checkpoints
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dist" / "final").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final").state_dict()
+    assert max((merged[n] - reference[n]).abs().max().item() for n in reference) < 1e-4

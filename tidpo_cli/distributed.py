@@ -220,6 +220,8 @@ class DeepSpeedEngine:
         self.module, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config, dist_init_required=False)
         self.scheduler = scheduler
+        # LoRA: the frozen base comes back from where it was loaded, not from every checkpoint.
+        self.frozen = any(not p.requires_grad for p in model.parameters())
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss, scale_wrt_gas=False)
@@ -240,11 +242,12 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path) -> None:
-        self.module.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+        self.module.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: Path) -> None:
         path, _ = self.module.load_checkpoint(str(directory), tag=ENGINE_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True, load_module_strict=not self.frozen)
         if path is None:
             raise UserError(f"{directory} holds no DeepSpeed checkpoint ({ENGINE_TAG}/): was it written with "
                             "deepspeed=none? Resume with the deepspeed option it was written with")
