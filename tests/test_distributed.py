@@ -147,6 +147,10 @@ def test_distributed_config_mistakes(tmp_path):
         compose_config(["deepspeed=zero3", "model.lora.enabled=true"])
     with pytest.raises(UserError, match="stage"):
         compose_config(["deepspeed=zero2", "deepspeed.zero_optimization.stage=4"])
+    # Measured: with the fused importance pass DeepSpeed's backward hooks fire on the importance gradient and
+    # the updates drift from one process's; refused until that is solved.
+    with pytest.raises(UserError, match="grad_pass=separate"):
+        compose_config(["deepspeed=zero2", "loss.importance.grad_pass=fused"])
     # Several processes without a shared run id: told to name the run directory, before anything runs.
     result = run_tidpo(["train"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_RUN_ID": "none"})
     assert result.returncode == 2 and "hydra.run.dir" in result.stderr

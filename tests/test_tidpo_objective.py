@@ -86,3 +86,39 @@ def test_every_loss_preset_trains_two_steps(tmp_path, preset):
     assert torch.isfinite(torch.tensor(metrics["eval/loss"]))
     if preset.startswith("tidpo"):
         assert "importance/fallbacks" in train_rows[0]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_importance_pass_gives_the_separate_pass_weights_loss_and_gradients(checkpointing):
+    """`loss.importance.grad_pass=fused` takes the saliency from the loss's own forward. On a dropout-free model
+    (the tiny Llama) that is the same gradient as the separate pass: same weights, loss and parameter gradients,
+    also with activation checkpointing."""
+    results = {}
+    for grad_pass in ("separate", "fused"):
+        cfg, policy, reference, batch, ids = setup(["loss=tidpo", f"loss.importance.grad_pass={grad_pass}"])
+        if checkpointing:
+            policy.gradient_checkpointing_enable()
+        policy.train()
+        results[grad_pass] = loss_and_grads(cfg, policy, reference, batch, ids)
+    (loss_s, grads_s, m_s), (loss_f, grads_f, m_f) = results["separate"], results["fused"]
+    assert loss_f == pytest.approx(loss_s.item(), abs=1e-6)
+    assert m_f["importance/max"] == pytest.approx(m_s["importance/max"], abs=1e-5)
+    assert m_f["importance/entropy"] == pytest.approx(m_s["importance/entropy"], abs=1e-6)
+    for a, b in zip(grads_f, grads_s):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads_f)
+
+
+def test_fused_pass_falls_back_to_the_separate_one_while_dropout_is_active(monkeypatch):
+    from tidpo_cli import importance, objective
+
+    calls = []
+    monkeypatch.setattr(objective, "importance_pass",
+                        lambda *a, **k: calls.append(1) or importance.importance_pass(*a, **k))
+    cfg, policy, reference, batch, ids = setup(["loss=tidpo", "loss.importance.grad_pass=fused"])
+    policy.train()
+    batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)
+    assert calls == []  # no dropout: fused
+    policy.config.attention_dropout = 0.1
+    batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)
+    assert calls == [1]  # dropout would make the two passes differ: the separate one runs

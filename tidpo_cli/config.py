@@ -108,6 +108,7 @@ class ImportanceConfig:
     normalize: str = key(one_of("sum", "softmax"))
     lam: float = key(closed(0.0, 1.0))
     sigma_div: float = key(above(0))
+    grad_pass: str = key(one_of("separate", "fused"))
 
 
 @dataclass
@@ -272,6 +273,10 @@ def _check_relations(cfg: DictConfig) -> None:
     if ds.enabled and ds.zero_optimization.get("stage") == 3 and cfg.model.lora.enabled:
         raise ConfigError("model.lora with deepspeed=zero3 is not supported yet: use deepspeed=zero2 (LoRA's "
                           "trainable weights are small, and ZeRO-2 partitions their optimizer state and gradients)")
+    if ds.enabled and loss.importance.grad_pass == "fused":
+        raise ConfigError("loss.importance.grad_pass=fused does not work under DeepSpeed yet (its backward hooks fire "
+                          "on the importance gradient too, and the update comes out wrong): use "
+                          "loss.importance.grad_pass=separate, or deepspeed=none")
     if cfg.model.name_or_path is None and cfg.model.config is None:
         raise ConfigError("model.name_or_path or model.config must be set (a model to load or one to build)")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:

@@ -51,6 +51,25 @@ def gradient_saliency(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return grad.float().abs().sum(dim=-1).detach()
 
 
+def saliency_from_forward(embeds: torch.Tensor, logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The raw importance of `gradient_saliency`, taken from a forward the loss runs anyway (`logits` computed from
+    `embeds`, the input embeddings, inside the graph): no second forward. The graph is kept for the loss's
+    backward. Equal to `gradient_saliency` when nothing random (dropout) ran in that forward."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target = logits[rows, last_positions(attention_mask)].float().max(dim=-1).values.sum()
+    (grad,) = torch.autograd.grad(target, embeds, retain_graph=True)
+    return grad.float().abs().sum(dim=-1).detach()
+
+
+def dropout_active(model: torch.nn.Module) -> bool:
+    """Whether a forward of `model` in its current mode would drop anything (dropout layers, attention dropout)."""
+    if not model.training:
+        return False
+    if float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def gaussian_prior(span_mask: torch.Tensor, sigma_div: float) -> torch.Tensor:
     """P(t) = exp(-((t - mu) / sigma)^2 / 2) over each row's span, mu = (n-1)/2, sigma = n / sigma_div,
     normalised to sum 1 per row: [B, T] float32, 0 outside the span (t counts span tokens only)."""

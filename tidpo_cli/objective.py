@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from .anchors import anchor_batch
-from .importance import importance_pass, weight_stats
+from .importance import dropout_active, importance_pass, mix_weights, saliency_from_forward, weight_stats
 from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
 from .tracking import MetricSums
 
@@ -30,6 +30,13 @@ def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     """One forward over every row -> (logits [N, T, V], per-token log-probs [N, T], response mask [N, T])."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return logits, token_logps(logits, batch["labels"]), response_mask(batch["labels"])
+
+
+def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
+    """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings)."""
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
+    return logits, token_logps(logits, batch["labels"]), response_mask(batch["labels"]), embeds
 
 
 def chosen_rows(batch: Batch) -> Batch:
@@ -57,18 +64,27 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     metrics = MetricSums()
     half = batch["input_ids"].shape[0] // 2
 
-    weights = None
+    weights = forwarded = None
     if loss_cfg.name == "tidpo":
         span = response_mask(batch["labels"]) if loss_cfg.importance.span == "response" else batch["attention_mask"]
         imp = loss_cfg.importance
-        result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
-                                 lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior, normalize=imp.normalize,
-                                 generator=torch.Generator().manual_seed(seed))
+        if (imp.mode == "gradient" and imp.grad_pass == "fused" and torch.is_grad_enabled()
+                and not dropout_active(policy)):
+            # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
+            # evaluation, whose forwards keep no graph.
+            forwarded = forward_from_embeddings(policy, batch)
+            raw = saliency_from_forward(forwarded[3], forwarded[0], batch["attention_mask"])
+            result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
+                                 normalize=imp.normalize)
+        else:
+            result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
+                                     lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
+                                     normalize=imp.normalize, generator=torch.Generator().manual_seed(seed))
         weights = result.weights
         metrics.add(weight_stats(weights, span), count=2 * half)
         metrics.add_total("importance/fallbacks", result.fallbacks)
 
-    logits, logps, mask = forward(policy, batch)
+    logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, batch)
     with torch.no_grad():
         ref_logits, ref_logps, _ = forward(reference, batch)
     ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T]
