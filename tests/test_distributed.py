@@ -184,3 +184,39 @@ def test_lora_under_zero2_resumes_and_matches_one_process(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "dist" / "final").state_dict()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final").state_dict()
     assert max((merged[n] - reference[n]).abs().max().item() for n in reference) < 1e-4
+
+
+POISON = '''
+import sys
+import torch
+import tidpo_cli.trainer as trainer
+
+real, calls = trainer.batch_loss, {"n": 0}
+
+def poisoned(*args, **kwargs):  # the training micro-batch of step 3 gives a NaN gradient on every rank
+    loss, metrics = real(*args, **kwargs)
+    if torch.is_grad_enabled():
+        calls["n"] += 1
+    return (loss * float("nan") if calls["n"] == 3 and torch.is_grad_enabled() else loss), metrics
+
+trainer.batch_loss = poisoned
+from tidpo_cli.cli import main
+main(sys.argv[1:])
+'''
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_non_finite_step_is_skipped_under_deepspeed(tmp_path, zero):
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(POISON)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), "train", "loss=dpo", *BASE, *ZERO[zero], "trainer.max_steps=5",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = train_rows(tmp_path / "run")
+    # The metrics are those of the unpoisoned loss; the NaN reached only the gradient, where DeepSpeed's own
+    # check skipped the update, and the loop counted it.
+    assert [r["train/skipped_steps"] for r in got] == [0, 0, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got[3:])  # weights unharmed
+    assert "step 3: non-finite loss or gradient" in (tmp_path / "run" / "train.log").read_text()

@@ -222,6 +222,7 @@ class DeepSpeedEngine:
         self.scheduler = scheduler
         # LoRA: the frozen base comes back from where it was loaded, not from every checkpoint.
         self.frozen = any(not p.requires_grad for p in model.parameters())
+        self.skipped = self.module.skipped_steps  # DeepSpeed's count of steps it skipped (non-finite gradient)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss, scale_wrt_gas=False)
@@ -230,12 +231,11 @@ class DeepSpeedEngine:
         self.module.step()
 
     def step(self, finite_loss: bool) -> tuple[float, bool]:
-        skipped_before = getattr(self, "_skipped", 0)
-        self._skipped = self.module.skipped_steps
+        """DeepSpeed stepped in the last `micro_step`; report its gradient norm and whether it skipped."""
+        skipped_before, self.skipped = self.skipped, self.module.skipped_steps
         norm = self.module.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        stepped = self._skipped == skipped_before and finite_loss and math.isfinite(norm)
-        return norm, stepped
+        return norm, self.skipped == skipped_before and finite_loss and math.isfinite(norm)
 
     @property
     def lr(self) -> float:
@@ -251,7 +251,7 @@ class DeepSpeedEngine:
         if path is None:
             raise UserError(f"{directory} holds no DeepSpeed checkpoint ({ENGINE_TAG}/): was it written with "
                             "deepspeed=none? Resume with the deepspeed option it was written with")
-        self._skipped = self.module.skipped_steps
+        self.skipped = self.module.skipped_steps
 
     def full_state_dict(self) -> dict | None:
         """Every weight, gathered from the ZeRO-3 partitions onto rank 0 (a collective: every rank calls it);

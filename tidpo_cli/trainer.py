@@ -101,8 +101,9 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
-    batches = list(eval_batches(pairs[dist.rank::dist.world] or pairs[:1], cfg.trainer.eval_batch_size, ids.pad))
-    real = len(batches) if pairs[dist.rank::dist.world] else 0
+    mine = pairs[dist.rank::dist.world]
+    batches = list(eval_batches(mine or pairs[:1], cfg.trainer.eval_batch_size, ids.pad))
+    real = len(batches) if mine else 0
     for index in range(dist.max(len(batches))):
         batch = batches[min(index, len(batches) - 1)]
         with autocast():
