@@ -210,18 +210,15 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, engine) -> TrainState:
+def load_checkpoint(path: Path, engine, dist=None) -> TrainState:
     """Restore the engine (model, optimizer, scheduler), this rank's RNG streams, and the loop's state."""
+    from .distributed import Dist
+
+    rank = (dist or Dist()).rank
     engine.load(path)
-    rank = _rank()
     if not (path / f"rng-rank{rank}.json").is_file():
         raise UserError(f"{path} has no RNG state for rank {rank}: it was written by fewer processes; resume "
                         "with the number of processes that wrote it")
     set_rng_state(json.loads((path / f"rng-rank{rank}.json").read_text()),
                   load_file(str(path / f"rng-rank{rank}.safetensors")))
     return TrainState(**json.loads((path / "state.json").read_text()))
-
-
-def _rank() -> int:
-    """This process's rank: each rank keeps its own RNG streams in a checkpoint."""
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

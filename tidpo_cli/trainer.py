@@ -182,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     state = TrainState(step=0, epoch=0, position=0)
     checkpoint = find_resume_checkpoint(run_dir, t.resume)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine)
+        state = load_checkpoint(checkpoint, engine, dist)
         stream.epoch, stream.position = state.epoch, state.position
         tracker.resume_at(state.step)
         log.info("resumed from %s (step %d of %d)", checkpoint, state.step, steps)
@@ -269,15 +269,13 @@ def save_final(engine, policy, peft_model, tokenizer, cfg: DictConfig, run_dir: 
     """`final/` (a plain HF model; LoRA merged) and, for LoRA, `adapter/`; written by rank 0. Under ZeRO-3
     the weights are first gathered from every rank's partitions."""
     state_dict = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
-    if not dist.main:
-        dist.barrier()
-        return
-    if peft_model is not None:
-        if cfg.model.name_or_path is None:  # so PeftModel.from_pretrained finds the random-init base
-            peft_model.peft_config["default"].base_model_name_or_path = str((run_dir / "reference").resolve())
-        save_hf_model(peft_model, tokenizer, run_dir / "adapter")  # the PEFT adapter alone
-        policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
-    save_hf_model(policy, tokenizer, run_dir / "final", state_dict=state_dict)
+    if dist.main:
+        if peft_model is not None:
+            if cfg.model.name_or_path is None:  # so PeftModel.from_pretrained finds the random-init base
+                peft_model.peft_config["default"].base_model_name_or_path = str((run_dir / "reference").resolve())
+            save_hf_model(peft_model, tokenizer, run_dir / "adapter")  # the PEFT adapter alone
+            policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
+        save_hf_model(policy, tokenizer, run_dir / "final", state_dict=state_dict)
     dist.barrier()
 
 
