@@ -96,6 +96,7 @@ class DataConfig:
     max_prompt_length: int = key(above(0))
     max_rows: Optional[int] = key(above(0))
     on_bad_row: str = key(one_of("skip", "error"))
+    flip_labels: float = key(closed(0.0, 1.0))
     shuffle: bool = key()
     synthetic: Optional[SyntheticConfig] = key()
 

@@ -143,7 +143,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         log.info("data (%s): %s", name, report.summary())
         for line in report.first_skipped:
             log.info("  skipped %s", line)
-    log.info("pairs: %d train, %d held out", len(splits.train), len(splits.eval))
+    log.info("pairs: %d train%s, %d held out", len(splits.train),
+             f" ({round(cfg.data.flip_labels * len(splits.train))} with chosen and rejected swapped: data.flip_labels)"
+             if cfg.data.flip_labels else "", len(splits.eval))
 
     policy = load_policy(cfg.model, tokenizer).to(device)
     if dist.main and cfg.model.name_or_path is None and not (run_dir / "reference").exists():

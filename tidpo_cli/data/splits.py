@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -28,6 +28,7 @@ def load_splits(cfg: DictConfig, tokenizer, seed: int, *, held_out_only: bool = 
     The held-out split is `eval_path`/`eval_split` when either is set, otherwise `eval_size` pairs held out
     from the training data by a seeded shuffle (so a file sorted by topic still gives a fair sample).
     `held_out_only` skips reading the training data where the held-out split does not come from it.
+    `flip_labels` of the training pairs (never the held-out ones) have chosen and rejected swapped.
     """
     options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                    on_bad_row=cfg.on_bad_row)
@@ -57,9 +58,22 @@ def load_splits(cfg: DictConfig, tokenizer, seed: int, *, held_out_only: bool = 
         held_out = set(order[: cfg.eval_size])
         train = [p for i, p in enumerate(pairs) if i not in held_out]
         held = [pairs[i] for i in sorted(held_out)]
-        return Splits(train, held, reports)
+        return Splits(flip_labels(train, cfg.flip_labels, seed), held, reports)
 
-    return _with_eval(Splits(pairs, [], reports), cfg, tokenizer, options)
+    return _with_eval(Splits(flip_labels(pairs, cfg.flip_labels, seed), [], reports), cfg, tokenizer, options)
+
+
+def flip_labels(pairs: list[TokenizedPair], fraction: float, seed: int) -> list[TokenizedPair]:
+    """`pairs` with round(fraction * len) of them, drawn with `seed`, swapped: chosen becomes rejected.
+
+    Label noise for robustness studies (the paper's Table B8): the same seed flips the same pairs.
+    """
+    count = round(fraction * len(pairs))
+    if count == 0:
+        return pairs
+    flipped = set(random.Random(f"flip-{seed}").sample(range(len(pairs)), count))
+    return [replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids) if i in flipped else p
+            for i, p in enumerate(pairs)]
 
 
 def _with_eval(splits: Splits, cfg: DictConfig, tokenizer, options: dict) -> Splits:
