@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,3 +213,19 @@ def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
     assert sorted(f.name for f in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt",
                                                       "rng-rank0.json", "rng-rank0.safetensors", "scheduler.pt",
                                                       "state.json"]
+
+
+def test_a_finished_run_started_again_does_nothing(tmp_path, uninterrupted):
+    """A rerun sweep skips its finished runs: no step, eval or save; metrics and final/ are left as they were."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted["dpo"], run_dir)
+    logged = (run_dir / "metrics.jsonl").read_bytes()
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "final").iterdir()}
+    result = run_tidpo(["train", *RUN, "loss=dpo", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished: step 40 of 40" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (run_dir / "metrics.jsonl").read_bytes() == logged
+    more = run_tidpo(["train", *RUN, "loss=dpo", "trainer.max_steps=42", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert more.returncode == 0 and "already finished" not in more.stdout  # more steps: the run goes on
+    assert [r["step"] for r in train_rows(run_dir)][-2:] == [41, 42]

@@ -192,6 +192,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         if changed:  # allowed (e.g. more steps), but a resumed run then differs from an uninterrupted one
             log.warning("the config differs from the checkpoint's: %s", "; ".join(changed))
 
+    if checkpoint is not None and state.step == steps:
+        done = {k: v for k, v in tracker.logged(steps).items() if k.startswith("eval/")}
+        if (run_dir / "final").is_dir() and (done or not splits.eval):
+            # A finished run started again (a rerun sweep): nothing is recomputed or rewritten.
+            log.info("already finished: step %d of %d, %s exists; nothing to do", steps, steps, run_dir / "final")
+            tracker.close()
+            return done
+
     def checkpoint_now() -> None:
         state.epoch, state.position = stream.epoch, stream.position
         path = save_checkpoint(run_dir, state, engine, cfg, t.keep_last, dist)
