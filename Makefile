@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tidpo-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench bench-scaling
 
 install: $(STAMP)
 
@@ -22,6 +22,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
+
+# Benchmarks (issue 8; docs/benchmarks.md). `make bench`: TRL's DPOTrainer against tidpo on the CPU, writing
+# bench-results.json; it installs the `bench` extra (TRL) into the venv when missing. BENCH_STEPS=3 for a quick look.
+bench: $(STAMP)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[dev,bench]" "$(TORCH)"
+	$(BIN)/python scripts/bench/trl_vs_tidpo.py
+
+# Step time of loss=dpo and loss=tidpo over max_length x batch, writing bench-scaling.json (no TRL needed).
+bench-scaling: $(STAMP)
+	$(BIN)/python scripts/bench/scaling.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

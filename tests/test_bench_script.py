@@ -1,0 +1,166 @@
+"""The benchmark driver's pure parts (scripts/bench/): medians, ratios, targets, row fitting and token counting.
+
+No timing is tested here and nothing is trained; only the DPOConfig test needs TRL (the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(BENCH))  # scaling.py imports trl_vs_tidpo by name
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("trl_vs_tidpo")
+scaling = _load("scaling")
+
+
+def n_bytes(text: str) -> int:  # the byte-level tokenizer's count, without BOS / EOS
+    return len(text.encode("utf-8"))
+
+
+def test_summarize_medians_after_warmup():
+    # warm-up 1 leaves steps 2-5: times 4, 2, 3, 5 s; tokens 800, 600, 900, 1000 -> 200, 300, 300, 200 tokens/s
+    out = bench.summarize([10.0, 4.0, 2.0, 3.0, 5.0], batch=8, tokens=[100, 800, 600, 900, 1000], warmup=1)
+    assert out["steps_measured"] == 4
+    assert out["step_s"] == pytest.approx(3.5)
+    assert out["samples_per_s"] == pytest.approx(8 / 3.5)
+    assert out["tokens_per_s"] == pytest.approx(250.0)
+    assert out["tokens_per_step"] == pytest.approx(850.0)
+    with pytest.raises(ValueError):
+        bench.summarize([1.0, 2.0], batch=8, tokens=[1, 2], warmup=2)
+
+
+def test_ratios_and_targets():
+    results = {
+        "trl_dpo": {"samples_per_s": 0.5, "tokens_per_s": 400.0, "step_s": 16.0, "peak_rss_mb": 1000.0},
+        "tidpo_dpo": {"samples_per_s": 0.8, "tokens_per_s": 600.0, "step_s": 10.0, "peak_rss_mb": 900.0},
+        "tidpo_no_triplet": {"samples_per_s": 8 / 13, "step_s": 13.0, "peak_rss_mb": 950.0},
+        "tidpo": {"samples_per_s": 8 / 22, "step_s": 22.0, "peak_rss_mb": 990.0},
+        "tidpo_dpo_bf16": {"samples_per_s": 1.0, "step_s": 8.0, "peak_rss_mb": 800.0},
+    }
+    r = bench.ratios(results)
+    assert r["tidpo_dpo_vs_trl_dpo_samples_per_s"] == pytest.approx(1.6)
+    assert r["tidpo_dpo_vs_trl_dpo_tokens_per_s"] == pytest.approx(1.5)
+    assert r["tidpo_dpo_vs_trl_dpo_peak_rss"] == pytest.approx(0.9)
+    assert r["tidpo_no_triplet_vs_tidpo_dpo_step_s"] == pytest.approx(1.3)
+    assert r["tidpo_vs_tidpo_dpo_step_s"] == pytest.approx(2.2)
+    assert r["tidpo_dpo_bf16_vs_trl_dpo_samples_per_s"] == pytest.approx(2.0)
+    assert r["tidpo_dpo_bf16_vs_tidpo_dpo_step_s"] == pytest.approx(0.8)
+
+    t = bench.targets(results)
+    verdicts = {name: (round(v["value"], 6), v["threshold"], v["pass"]) for name, v in t.items()}
+    assert verdicts == {
+        "tidpo_dpo samples/s >= 1.5 x trl_dpo": (1.6, 1.5, True),
+        "tidpo_dpo peak RSS <= trl_dpo": (0.9, 1.0, True),
+        "tidpo_no_triplet step time <= 1.35 x tidpo_dpo": (1.3, 1.35, True),
+        "tidpo step time <= 2.0 x tidpo_dpo": (2.2, 2.0, False),
+    }
+    # a contender that failed or did not run: no value, no verdict
+    missing = bench.targets({"tidpo_dpo": results["tidpo_dpo"], "trl_dpo": {"error": "exit 1"}})
+    assert missing["tidpo_dpo samples/s >= 1.5 x trl_dpo"]["pass"] is None
+    table = bench.markdown({"trl_dpo": {"error": "exit 1"}}, r, t)
+    assert "| `trl_dpo` | failed: exit 1 |" in table
+    assert "| tidpo step time <= 2.0 x tidpo_dpo | 2.200 | <= 2.0 | NO |" in table
+
+
+def test_token_counting_on_rows():
+    rows = [
+        {"prompt": "Hi?", "chosen": " yes", "rejected": " no"},  # 2 x (1 + 3) + 4 + 3 + 2 EOS = 17
+        {"prompt": "é", "chosen": "ü", "rejected": "ab"},       # 2 x (1 + 2) + 2 + 2 + 2 = 12
+        {"prompt": "x" * 10, "chosen": "y", "rejected": "zz"},  # 2 x 11 + 1 + 2 + 2 = 27
+    ]
+    per_row = [bench.row_tokens(r, n_bytes) for r in rows]
+    assert per_row == [17, 12, 27]
+    assert bench.step_tokens(per_row, 2) == [29]  # a last partial batch is not a step
+    assert bench.step_tokens(per_row, 1) == [17, 12, 27]
+    assert bench.row_tokens(rows[0], n_bytes, bos=0, eos=0) == 13
+
+    # the byte-level tokenizer the benchmark uses counts the same (BOS in front of text, EOS added by the tools)
+    tokenizer = bench.byte_tokenizer()
+    n_tokens, bos = bench.token_counter(tokenizer)
+    assert bos == 1
+    for r in rows:
+        assert n_tokens(r["prompt"]) == n_bytes(r["prompt"])
+        assert len(tokenizer(r["prompt"] + r["chosen"]).input_ids) == 1 + n_bytes(r["prompt"] + r["chosen"])
+
+
+def test_fit_row_cuts_like_tidpo_at_character_boundaries():
+    row = bench.fit_row("a" * 300, "b" * 50, "c" * 50, n_bytes, max_length=16, max_prompt_length=8)
+    # prompt: the last 7 characters (+ BOS = 8); responses: 16 - 1 - 7 - 1 (EOS) = 7 characters
+    assert row == {"prompt": "a" * 7, "chosen": "b" * 7, "rejected": "c" * 7}
+    assert bench.row_tokens(row, n_bytes) == 2 * 16
+
+    # two-byte characters are never split: a budget of 5 bytes keeps 2 of them
+    # (prompt: 6 - 1 BOS = 5 bytes -> "éé"; responses: 11 - 1 - 4 - 1 EOS = 5 bytes -> "üü", "abcde")
+    row = bench.fit_row("éééé", "üüüü", "abcdef", n_bytes, max_length=11, max_prompt_length=6)
+    assert row == {"prompt": "éé", "chosen": "üü", "rejected": "abcde"}
+
+    assert bench.fit_row("p", "same start x", "same start y", n_bytes, max_length=8, max_prompt_length=2) is None
+    assert bench.fit_row("p", "", "y", n_bytes, max_length=8, max_prompt_length=2) is None
+
+
+def test_split_hh_and_select_rows():
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no"}
+    prompt, chosen, rejected = bench.split_hh(good)
+    assert prompt.endswith("c\n\nAssistant:") and chosen == " yes" and rejected == " no"
+    other_prompt = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
+    assert bench.split_hh(other_prompt) is None
+    rows, skipped = bench.select_rows([other_prompt, good, good, good], 2, n_bytes, 512, 256)
+    assert len(rows) == 2 and skipped == 1
+
+
+def test_env_knobs_parse():
+    assert bench.parse_model_overrides("hidden_size=64,num_attention_heads=4") == {
+        "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
+    assert bench.parse_extra("tidpo_dpo_bf16:loss=dpo trainer.precision=bf16; trl_x:trl beta=0.2") == {
+        "tidpo_dpo_bf16": "loss=dpo trainer.precision=bf16", "trl_x": "trl beta=0.2"}
+    s = bench.Settings.from_env({"BENCH_STEPS": "3", "BENCH_WARMUP": "1", "BENCH_TIDPO_ARGS": "a=1 b=2"})
+    assert (s.steps, s.warmup, s.batch, s.max_length, s.tidpo_args) == (3, 1, 8, 512, ["a=1", "b=2"])
+    assert s.model["hidden_size"] == 512 and s.model["num_hidden_layers"] == 8
+
+
+def test_scaling_fill_rows_are_full_length():
+    raw = [{"chosen": f"\n\nHuman: {'q' * 40}{i}\n\nAssistant: ok{i}",
+            "rejected": f"\n\nHuman: {'q' * 40}{i}\n\nAssistant: no{i}"} for i in range(6)]
+    rows, _ = scaling.fill_rows(raw, 4, n_bytes, max_length=64, max_prompt_length=32)
+    assert len(rows) == 4
+    assert all(bench.row_tokens(r, n_bytes) == 2 * 64 for r in rows)
+
+
+def test_scaling_checks():
+    def cell(length, dpo, tidpo, tokens):
+        return {"max_length": length, "batch": 4, "ratio": tidpo / dpo,
+                "runs": {"dpo": {"step_s": dpo, "tokens_per_step": tokens},
+                         "tidpo": {"step_s": tidpo, "tokens_per_step": tokens}}}
+    # doubling length (and tokens): dpo x 3 <= 4 (tokens x length) passes; tidpo x 5 does not; ratio 1.5 -> 2.5
+    out = scaling.checks([cell(128, 1.0, 1.5, 1024), cell(256, 3.0, 7.5, 2048)], ["dpo", "tidpo"], 0.1)
+    growth, trend = out.values()
+    assert [g["pass"] for g in growth["steps"]] == [True, False] and growth["pass"] is False
+    assert trend["pass"] is False and trend["per_batch"][0]["threshold"] == pytest.approx(1.65)
+
+
+def test_dpo_config_kwargs_accepted_by_installed_trl():
+    trl = pytest.importorskip("trl")
+    import dataclasses
+
+    spec = {"output_dir": "unused", "beta": 0.1, "max_length": 512, "batch": 8, "steps": 3, "lr": 5e-6, "seed": 0,
+            "config": {}}
+    args = trl.DPOConfig(**bench.dpo_config_kwargs(spec, {f.name for f in dataclasses.fields(trl.DPOConfig)}))
+    assert (args.bf16, args.gradient_checkpointing, args.max_length, args.beta) == (False, False, 512, 0.1)
+    assert list(args.loss_type) == ["sigmoid"] and args.per_device_train_batch_size == 8
