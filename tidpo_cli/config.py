@@ -98,6 +98,7 @@ class DataConfig:
     on_bad_row: str = key(one_of("skip", "error"))
     flip_labels: float = key(closed(0.0, 1.0))
     shuffle: bool = key()
+    group_by_length: int = key(at_least(0))
     synthetic: Optional[SyntheticConfig] = key()
 
 
@@ -153,6 +154,7 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = key(above(0))
     precision: str = key(one_of("fp32", "bf16"))
     gradient_checkpointing: bool = key()
+    share_prompt: bool = key()
     eval_every: int = key(at_least(0))
     eval_before: bool = key()
     eval_batch_size: int = key(above(0))

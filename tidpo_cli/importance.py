@@ -28,35 +28,39 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(dim=1)
 
 
-def gradient_saliency(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def gradient_saliency(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      position_ids: torch.Tensor | None = None,
+                      targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Raw importance I_i = || d max_v logits[last, v] / d e_i ||_1 for every position: [B, T] float32.
 
     The model runs with dropout off (its train/eval mode is restored afterwards). Rows do not interact
-    in a causal LM, so the gradient of the summed targets gives every row its own gradient.
+    in a causal LM, so the gradient of the summed targets gives every row its own gradient. `targets`
+    (rows, positions) names the positions whose max logit is taken (default: each row's last attended
+    position); a packed batch (packing.py) passes its 4-D mask, position ids and targets.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-            hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+            hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            last_hidden = hidden[rows, last_positions(attention_mask)]
-            # Only the last position's logits are needed: [B, V] instead of [B, T, V].
-            target = model.get_output_embeddings()(last_hidden).float().max(dim=-1).values.sum()
+            if targets is None:
+                targets = torch.arange(input_ids.shape[0], device=input_ids.device), last_positions(attention_mask)
+            # Only the target positions' logits are needed: [N, V] instead of [B, T, V].
+            target = model.get_output_embeddings()(hidden[targets]).float().max(dim=-1).values.sum()
             (grad,) = torch.autograd.grad(target, embeds)
     finally:
         model.train(was_training)
     return grad.float().abs().sum(dim=-1).detach()
 
 
-def saliency_from_forward(embeds: torch.Tensor, logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The raw importance of `gradient_saliency`, taken from a forward the loss runs anyway (`logits` computed from
-    `embeds`, the input embeddings, inside the graph): no second forward. The graph is kept for the loss's
-    backward. Equal to `gradient_saliency` when nothing random (dropout) ran in that forward."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    target = logits[rows, last_positions(attention_mask)].float().max(dim=-1).values.sum()
+def saliency_from_forward(embeds: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The raw importance of `gradient_saliency`, taken from a forward the loss runs anyway: `target_logits` [N, V]
+    are the target positions' logits of that forward, computed from `embeds`, the input embeddings, inside the
+    graph. No second forward; the graph is kept for the loss's backward. Equal to `gradient_saliency` when nothing
+    random (dropout) ran in that forward."""
+    target = target_logits.float().max(dim=-1).values.sum()
     (grad,) = torch.autograd.grad(target, embeds, retain_graph=True)
     return grad.float().abs().sum(dim=-1).detach()
 

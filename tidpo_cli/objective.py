@@ -11,8 +11,10 @@ import torch
 from omegaconf import DictConfig
 
 from .anchors import anchor_batch
-from .importance import dropout_active, importance_pass, mix_weights, saliency_from_forward, weight_stats
+from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
+                         saliency_from_forward, weight_stats)
 from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
+from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
 from .tracking import MetricSums
 
 Batch = dict[str, torch.Tensor]
@@ -27,22 +29,49 @@ class TokenIds:
 
 
 def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over every row -> (logits [N, T, V], per-token log-probs [N, T], response mask [N, T])."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return logits, token_logps(logits, batch["labels"]), response_mask(batch["labels"])
+    """One forward over every row -> (logits, per-token log-probs [N, T], response mask [N, T]).
+
+    The logits are [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt once) the packed
+    rows' [B, S, V]; `unpacked_logits` gives the [N, T, V] view where a loss needs whole distributions.
+    """
+    return _forward(model, batch, embeds=None)[:3]
 
 
 def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
     """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings)."""
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
-    return logits, token_logps(logits, batch["labels"]), response_mask(batch["labels"]), embeds
+    ids = batch["packed_ids"] if is_packed(batch) else batch["input_ids"]
+    return _forward(model, batch, embeds=model.get_input_embeddings()(ids))
+
+
+def _forward(model, batch: Batch, embeds):
+    if is_packed(batch):
+        inputs = {"input_ids": batch["packed_ids"]} if embeds is None else {"inputs_embeds": embeds}
+        logits = model(**inputs, **model_inputs(model, batch), use_cache=False).logits
+        logps = packed_token_logps(logits, batch)
+    else:
+        inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
+        logits = model(**inputs, attention_mask=batch["attention_mask"], use_cache=False).logits
+        logps = token_logps(logits, batch["labels"])
+    return logits, logps, response_mask(batch["labels"]), embeds
+
+
+def unpacked_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[N, T, V] logits of `forward`, whatever the batch layout (a packed batch's are gathered: a copy)."""
+    return unpack(logits, batch) if is_packed(batch) else logits
+
+
+def target_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[N, V]: each row's logits at its last token, the saliency target (importance.gradient_saliency)."""
+    if is_packed(batch):
+        return logits[last_positions_packed(batch)]
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last_positions(batch["attention_mask"])]
 
 
 def chosen_rows(batch: Batch) -> Batch:
-    """The first half of a collated batch: the chosen responses."""
+    """The first half of a collated batch: the chosen responses (unpacked)."""
     half = batch["input_ids"].shape[0] // 2
-    return {k: v[:half] for k, v in batch.items()}
+    return {k: v[:half] for k, v in batch.items() if not k.startswith("packed_")}
 
 
 def loss_items(batch: Batch, loss_name: str) -> int:
@@ -73,8 +102,13 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
             # evaluation, whose forwards keep no graph.
             forwarded = forward_from_embeddings(policy, batch)
-            raw = saliency_from_forward(forwarded[3], forwarded[0], batch["attention_mask"])
-            result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
+            raw = saliency_from_forward(forwarded[3], target_logits(forwarded[0], batch))
+            result = mix_weights(_unpacked(raw, batch), span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
+                                 normalize=imp.normalize)
+        elif imp.mode == "gradient" and is_packed(batch):
+            raw = gradient_saliency(policy, batch["packed_ids"], **model_inputs(policy, batch),
+                                    targets=last_positions_packed(batch))
+            result = mix_weights(unpack(raw, batch), span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
                                  normalize=imp.normalize)
         else:
             result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
@@ -96,7 +130,8 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         chosen_rewards, rejected_rewards = loss_cfg.beta * margins[:half].detach(), loss_cfg.beta * margins[half:].detach()
     else:
         alpha = loss_cfg.alpha if loss_cfg.name in ("tdpo", "tidpo") else 0.0
-        kl = token_kl(ref_logits, logits, batch["labels"]).sum(-1) if alpha else torch.zeros_like(margins)
+        kl = (token_kl(unpacked_logits(ref_logits, batch), unpacked_logits(logits, batch), batch["labels"]).sum(-1)
+              if alpha else torch.zeros_like(margins))
         losses, chosen_rewards, rejected_rewards = tdpo_loss(
             margins[:half], margins[half:], kl[:half], kl[half:], beta=loss_cfg.beta, alpha=alpha,
             label_smoothing=loss_cfg.label_smoothing)
@@ -134,6 +169,10 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         "logps/rejected": (logps[half:] * mask[half:]).sum().item(),
     }, count=half)
     return loss_sum, metrics
+
+
+def _unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return unpack(values, batch) if is_packed(batch) else values
 
 
 def _sft(policy, batch: Batch) -> tuple[torch.Tensor, MetricSums]:

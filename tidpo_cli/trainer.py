@@ -23,6 +23,7 @@ from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .objective import TokenIds, batch_loss, loss_items
+from .packing import attention_implementation, sharing_blocker
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
@@ -102,7 +103,8 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     policy.eval()
     sums = MetricSums()
     mine = pairs[dist.rank::dist.world]
-    batches = list(eval_batches(mine or pairs[:1], cfg.trainer.eval_batch_size, ids.pad))
+    batches = list(eval_batches(mine or pairs[:1], cfg.trainer.eval_batch_size, ids.pad,
+                                share_prompt=share_prompt(cfg, policy)))
     real = len(batches) if mine else 0
     for index in range(dist.max(len(batches))):
         batch = batches[min(index, len(batches) - 1)]
@@ -113,6 +115,16 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
             sums.merge(metrics)
     policy.train(was_training)
     return dist.sum_metrics(sums).means(prefix="eval/")
+
+
+def share_prompt(cfg: DictConfig, model, say: bool = False) -> bool:
+    """Whether batches use the packed layout (packing.py); `say` logs why a requested one cannot be used."""
+    if not cfg.trainer.share_prompt:
+        return False
+    blocker = sharing_blocker(cfg.loss, attention_implementation(model))
+    if blocker and say and cfg.loss.name != "sft":
+        log.info("trainer.share_prompt: not used: %s", blocker)
+    return blocker is None
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
@@ -167,7 +179,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
     # One global stream of micro-batches, the same on every rank; rank r takes micro-batches r, r + world, ...
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
-                         shuffle=cfg.data.shuffle)
+                         shuffle=cfg.data.shuffle, share_prompt=share_prompt(cfg, policy, say=True),
+                         group_by_length=cfg.data.group_by_length)
     steps = total_steps(cfg, stream.batches_per_epoch // dist.world)
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, steps)

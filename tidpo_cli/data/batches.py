@@ -17,17 +17,20 @@ class BatchStream:
     Each epoch is a permutation drawn from `seed + epoch` (or the file order when shuffle is off); the
     last incomplete micro-batch of an epoch is dropped so every micro-batch has the same number of pairs,
     which keeps gradient accumulation exact. `epoch` and `position` say where the stream stands.
+    `group_by_length` > 0 sorts each window of that many micro-batches of the order by length, so a
+    micro-batch holds pairs of similar length (less padding), then shuffles the window's micro-batches.
     """
 
     def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int, *,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, share_prompt: bool = False, group_by_length: int = 0):
         if len(pairs) < micro_batch_size:
             raise DataError(
                 f"only {len(pairs)} training pairs for trainer.micro_batch_size={micro_batch_size}: "
                 f"lower the micro-batch size or use more data"
             )
         self.pairs, self.micro_batch_size, self.pad_id = pairs, micro_batch_size, pad_id
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.share_prompt = seed, shuffle, share_prompt
+        self.group_by_length = group_by_length
         self.epoch, self.position = 0, 0
 
     @property
@@ -35,10 +38,11 @@ class BatchStream:
         return len(self.pairs) // self.micro_batch_size
 
     def _order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.pairs)))
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.pairs), generator=generator).tolist()
+        order = torch.randperm(len(self.pairs), generator=generator).tolist() if self.shuffle \
+            else list(range(len(self.pairs)))
+        return grouped_by_length(order, self.pairs, self.micro_batch_size, self.group_by_length, generator) \
+            if self.group_by_length else order
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
@@ -46,11 +50,32 @@ class BatchStream:
             while self.position + self.micro_batch_size <= len(order):
                 chunk = order[self.position: self.position + self.micro_batch_size]
                 self.position += self.micro_batch_size
-                yield collate([self.pairs[i] for i in chunk], self.pad_id)
+                yield collate([self.pairs[i] for i in chunk], self.pad_id, share_prompt=self.share_prompt)
             self.epoch, self.position = self.epoch + 1, 0
 
 
-def eval_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def pair_length(pair: TokenizedPair) -> int:
+    """Tokens of a pair with its prompt once (the packed row's length; ranks unpacked rows the same way)."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def grouped_by_length(order: list[int], pairs: list[TokenizedPair], micro_batch_size: int, window: int,
+                      generator: torch.Generator) -> list[int]:
+    """`order` with each run of `window` micro-batches sorted longest first, cut into micro-batches, and those
+    micro-batches shuffled within the run. Which pairs an epoch holds does not change, only who shares a batch."""
+    out: list[int] = []
+    span = window * micro_batch_size
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -pair_length(pairs[i]))
+        batches = [chunk[k:k + micro_batch_size] for k in range(0, len(chunk), micro_batch_size)]
+        full = [b for b in batches if len(b) == micro_batch_size]
+        shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+        out += [i for b in shuffled + [b for b in batches if len(b) < micro_batch_size] for i in b]
+    return out
+
+
+def eval_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, *,
+                 share_prompt: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The held-out pairs in order, in batches of at most `batch_size`."""
     for start in range(0, len(pairs), batch_size):
-        yield collate(pairs[start: start + batch_size], pad_id)
+        yield collate(pairs[start: start + batch_size], pad_id, share_prompt=share_prompt)

@@ -6,6 +6,7 @@ import torch
 
 from tidpo_cli.data.examples import TokenizedPair
 from tidpo_cli.losses import IGNORE_INDEX
+from tidpo_cli.packing import pack_pairs
 
 
 
@@ -16,7 +17,7 @@ def _check(pairs: list[TokenizedPair], pad_id: int) -> None:
         raise ValueError(f"pad_id must be an integer token id, got {pad_id!r} (does the tokenizer have a pad token?)")
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows: B pairs -> 2B rows, right-padded to the longest row.
 
     Returns
@@ -25,6 +26,7 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
       labels         [2B, T] long  input_ids on response tokens, -100 on prompt and padding (NOT shifted:
                                    the training loop shifts)
       prompt_lengths [2B]    long  prompt tokens in each row (row i and row B+i share a prompt)
+    and with `share_prompt` the packed layout of packing.pack_pairs (`packed_*`: one row per pair).
     """
     _check(pairs, pad_id)
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
@@ -40,4 +42,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :end] = 1
         labels[row, start:end] = input_ids[row, start:end]
         prompt_lengths[row] = start
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_lengths": prompt_lengths}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "prompt_lengths": prompt_lengths}
+    if share_prompt:
+        batch.update(pack_pairs(input_ids, attention_mask, prompt_lengths, pad_id))
+    return batch

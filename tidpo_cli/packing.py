@@ -1,0 +1,138 @@
+"""Prompt sharing: one row per pair, `prompt + chosen + rejected`, so the prompt is run through the model once.
+
+A collated batch holds 2B rows (chosen rows, then rejected rows), each `prompt + response`, so every prompt is
+computed twice. The packed layout puts a pair in one row, `[prompt, chosen, rejected, padding]`, with an attention
+mask under which the rejected tokens see the prompt and themselves but not the chosen ones, and position ids
+that restart the rejected response right after the prompt. Every token then sees exactly what it sees in its own
+row, so logits, log-probs and input gradients are those of the unpacked rows (up to float rounding).
+
+The packed tensors travel in the batch beside the unpacked ones (`packed_*` keys); everything downstream keeps
+the unpacked [2B, T] layout: `unpack` moves per-position values across, `packed_token_logps` picks label
+log-probs without building unpacked logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import IGNORE_INDEX
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+SHAREABLE_ATTENTION = ("sdpa", "eager")  # flash_attention_2 takes no custom mask
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+               pad_id: int) -> dict[str, torch.Tensor]:
+    """The packed layout of a collated batch (right-padded rows, chosen rows first).
+
+    Returns
+      packed_ids       [B, S] long  prompt, chosen response, rejected response, then `pad_id`
+      packed_positions [B, S] long  position ids: the rejected response continues from the prompt's end
+      packed_segments  [B, S] long  PROMPT / CHOSEN / REJECTED / PAD of each position
+      packed_index     [2B, T] long packed position of each unpacked (row, t); 0 beyond the row's tokens
+    """
+    pairs = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(dim=1).tolist()
+    prompts = prompt_lengths.tolist()
+    width = max(lengths[i] + lengths[pairs + i] - prompts[i] for i in range(pairs))
+    ids = torch.full((pairs, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((pairs, width), dtype=torch.long)
+    segments = torch.full((pairs, width), PAD, dtype=torch.long)
+    index = torch.zeros(input_ids.shape, dtype=torch.long)
+    for i in range(pairs):
+        p, chosen_end, rejected_len = prompts[i], lengths[i], lengths[pairs + i] - prompts[i]
+        end = chosen_end + rejected_len
+        ids[i, :chosen_end] = input_ids[i, :chosen_end]
+        ids[i, chosen_end:end] = input_ids[pairs + i, p:p + rejected_len]
+        positions[i, :chosen_end] = torch.arange(chosen_end)
+        positions[i, chosen_end:end] = torch.arange(p, p + rejected_len)
+        segments[i, :p], segments[i, p:chosen_end], segments[i, chosen_end:end] = PROMPT, CHOSEN, REJECTED
+        index[i, :chosen_end] = torch.arange(chosen_end)
+        index[pairs + i, :p] = torch.arange(p)
+        index[pairs + i, p:p + rejected_len] = torch.arange(chosen_end, end)
+    return {"packed_ids": ids, "packed_positions": positions, "packed_segments": segments, "packed_index": index}
+
+
+def sharing_blocker(loss_cfg, attn_implementation: str) -> str | None:
+    """Why prompt sharing cannot be used for this loss and attention kernel (None: it can)."""
+    if loss_cfg.name == "sft":
+        return "SFT scores the chosen responses only"
+    if attn_implementation not in SHAREABLE_ATTENTION:
+        return f"model.attn_implementation={attn_implementation} takes no custom attention mask (use sdpa)"
+    if loss_cfg.name == "tidpo" and loss_cfg.importance.mode == "gradient" and loss_cfg.importance.span != "response":
+        return ("loss.importance.span=prompt_response needs each row's own prompt gradient, which a shared prompt "
+                "mixes")
+    return None
+
+
+def is_packed(batch: dict[str, torch.Tensor]) -> bool:
+    return "packed_ids" in batch
+
+
+def attention_mask_4d(segments: torch.Tensor, *, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, 1, S, S] mask: causal, and a response attends to the prompt and to its own segment only.
+
+    Boolean (True: attend) for SDPA; with `additive_dtype`, 0 / most negative value in that dtype (eager
+    attention adds it to the scores). Padding attends to itself only, so no row of the softmax is empty.
+    """
+    s = segments.shape[1]
+    query, key = segments.unsqueeze(2), segments.unsqueeze(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & ((key == PROMPT) | (key == query)) & (query != PAD)
+    allowed |= torch.eye(s, dtype=torch.bool, device=segments.device)
+    allowed = allowed.unsqueeze(1)
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=segments.device).masked_fill(
+        ~allowed, torch.finfo(additive_dtype).min)
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keyword arguments for a forward of the packed rows (eager attention gets an additive mask)."""
+    eager = attention_implementation(model) == "eager"
+    dtype = next(model.parameters()).dtype if eager else None
+    return {"attention_mask": attention_mask_4d(batch["packed_segments"], additive_dtype=dtype),
+            "position_ids": batch["packed_positions"]}
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention kernel of the (possibly wrapped: DeepSpeed, PEFT) transformers model inside `model`."""
+    for module in model.modules():
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if isinstance(impl, str):
+            return impl
+    return "sdpa"
+
+
+def unpack(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-position values of the packed rows [B, S, ...] in the unpacked layout [2B, T, ...]."""
+    index = batch["packed_index"]
+    rows = torch.arange(index.shape[0], device=index.device) % values.shape[0]
+    return values[rows.unsqueeze(1), index]
+
+
+def last_positions_packed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed row, packed position) of each unpacked row's last token: [2B] each."""
+    index, mask = batch["packed_index"], batch["attention_mask"]
+    last = mask.sum(dim=1) - 1
+    rows = torch.arange(index.shape[0], device=index.device)
+    return rows % (index.shape[0] // 2), index[rows, last]
+
+
+def packed_token_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`losses.token_logps` of the unpacked rows, read off the packed logits [B, S, V] -> [2B, T].
+
+    Entry t is log p(labels[t] | tokens < t), taken at the packed position that predicts it (for the first
+    rejected token that is the prompt's last position, shared with the first chosen token). No unpacked copy of
+    the logits is made: one log-sum-exp per packed position, one gathered logit per label.
+    """
+    index, labels = batch["packed_index"], batch["labels"]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    rows = (torch.arange(index.shape[0], device=index.device) % logits.shape[0]).unsqueeze(1)
+    predictors = index[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logits[rows, predictors, targets.masked_fill(~mask, 0)]
+    logps = (picked - logits.logsumexp(-1)[rows, predictors]) * mask
+    return torch.nn.functional.pad(logps, (1, 0))
