@@ -29,7 +29,7 @@ def test_packed_rows_hold_each_pair_once_with_the_rejected_positions_restarting_
     # pair 0: prompt [5, 6], chosen [7, 8], rejected [9, 9, 9]; pair 1: prompt [1], chosen [2, 3], rejected [2, 4, 4]
     assert packed["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 9, 9], [1, 2, 3, 2, 4, 4, 0]]
     assert packed["packed_positions"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 2, 1, 2, 3, 0]]
-    assert packed["packed_segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 2, 3]]
+    assert packed["packed_segments"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 2, 2, 2, -1]]
     # every unpacked token is found at its packed position
     for row in range(4):
         for t in range(int(mask[row].sum())):
@@ -60,6 +60,7 @@ def test_packed_forward_gives_the_unpacked_log_probs(attn):
     ["loss=dpo"], ["loss=ipo"], ["loss=tdpo"],
     ["loss=tidpo", "loss.gamma=0"], ["loss=tidpo", "loss.gamma=0", "loss.importance.grad_pass=fused"],
     ["loss=tidpo_code", "loss.gamma=0", "loss.importance.span=response"],
+    ["loss=tidpo"], ["loss=tidpo", "loss.importance.grad_pass=fused"],  # with anchors: a third response per row
 ])
 def test_loss_weights_metrics_and_gradients_equal_the_unpacked_ones(loss):
     cfg, tokenizer, pairs, policy = pairs_and_model()
@@ -83,3 +84,24 @@ def test_loss_weights_metrics_and_gradients_equal_the_unpacked_ones(loss):
         assert m1[name] == pytest.approx(m0[name], abs=1e-8), name
     for a, b in zip(g1, g0):  # the attention kernels' backwards round differently: compare to each tensor's scale
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def test_a_full_tidpo_step_runs_one_policy_forward_and_one_reference_forward():
+    """Anchors ride in the loss's forward (after their pair's prompt) and the fused pass shares it too."""
+    cfg, tokenizer, pairs, policy = pairs_and_model()
+    cfg = compose_config([*QUICK, "loss=tidpo", "loss.importance.grad_pass=fused"])
+    reference = frozen_copy(policy)
+    calls = {"policy": [], "reference": []}
+    for name, model in (("policy", policy), ("reference", reference)):
+        model.model.register_forward_hook(
+            lambda m, args, out, name=name: calls[name].append(tuple(out.last_hidden_state.shape[:2])))
+    ids = TokenIds(tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.data.max_length)
+    batch = collate(pairs, tokenizer.pad_token_id, share_prompt=True)
+    policy.train()
+    _, metrics = batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)
+    assert metrics.means()["anchor/length"] > 0
+    *generation, loss_forward = calls["policy"]  # sampling the anchors: a prefill, then one call per token
+    packed_width = loss_forward[1]
+    assert loss_forward[0] == len(pairs) and calls["reference"] == [loss_forward]  # one packed row per pair
+    assert len(generation) >= 2 and all(rows == len(pairs) for rows, _ in generation)
+    assert packed_width > batch["input_ids"].shape[1]  # the anchors' tokens sit in the packed rows

@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from .losses import IGNORE_INDEX
+from .packing import pack_pairs
 
 Batch = dict[str, torch.Tensor]
 
@@ -95,3 +96,20 @@ def anchor_batch(batch: Batch, model, anchor_cfg: DictConfig, *, pad_id: int, eo
         labels[i, prompt_lengths[i]:len(row)] = row[prompt_lengths[i]:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "prompt_lengths": torch.tensor(prompt_lengths, device=device)}
+
+
+def with_anchors(batch: Batch, anchors: Batch, pad_id: int) -> Batch:
+    """The pairs' rows and the anchors' as one batch of 3B rows (chosen, rejected, anchors), padded to one
+    width, so a single forward scores all three; packed (one row per pair, the prompt once) when `batch` is."""
+    width = max(batch["input_ids"].shape[1], anchors["input_ids"].shape[1])
+
+    def stacked(key: str, fill: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=fill)
+                          for part in (batch, anchors)])
+
+    rows = {"input_ids": stacked("input_ids", pad_id), "attention_mask": stacked("attention_mask", 0),
+            "labels": stacked("labels", IGNORE_INDEX),
+            "prompt_lengths": torch.cat([batch["prompt_lengths"], anchors["prompt_lengths"]])}
+    if "packed_ids" in batch:
+        rows.update(pack_pairs(rows["input_ids"], rows["attention_mask"], rows["prompt_lengths"], pad_id, groups=3))
+    return rows

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from .anchors import anchor_batch
+from .anchors import anchor_batch, with_anchors
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
 from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
@@ -92,6 +92,17 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         return _sft(policy, batch)
     metrics = MetricSums()
     half = batch["input_ids"].shape[0] // 2
+    pairs = slice(0, 2 * half)  # the chosen and rejected rows; anchors, when sampled, follow as rows 2B..3B
+
+    rows = batch
+    anchored = loss_cfg.name == "tidpo" and loss_cfg.gamma and with_anchor
+    if anchored:
+        # Sampled before the loss's forward, from the same weights, so the anchors ride in that forward (after
+        # their pair's prompt when it is shared) instead of forwards of their own.
+        anchors = anchor_batch(batch, policy, loss_cfg.anchor, pad_id=ids.pad, eos_id=ids.eos,
+                               max_length=ids.max_length, seed=seed)
+        rows = with_anchors(batch, anchors, ids.pad)
+    width = batch["input_ids"].shape[1]  # the pairs' own width; `rows` may be wider
 
     weights = forwarded = None
     if loss_cfg.name == "tidpo":
@@ -101,9 +112,10 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
                 and not dropout_active(policy)):
             # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
             # evaluation, whose forwards keep no graph.
-            forwarded = forward_from_embeddings(policy, batch)
-            raw = saliency_from_forward(forwarded[3], target_logits(forwarded[0], batch))
-            result = mix_weights(_unpacked(raw, batch), span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
+            forwarded = forward_from_embeddings(policy, rows)
+            raw = saliency_from_forward(forwarded[3], target_logits(forwarded[0], rows)[pairs])
+            raw = _unpacked(raw, rows)[pairs, :width]
+            result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
                                  normalize=imp.normalize)
         elif imp.mode == "gradient" and is_packed(batch):
             raw = gradient_saliency(policy, batch["packed_ids"], **model_inputs(policy, batch),
@@ -114,24 +126,26 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
                                      lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
                                      normalize=imp.normalize, generator=torch.Generator().manual_seed(seed))
-        weights = result.weights
-        metrics.add(weight_stats(weights, span), count=2 * half)
+        metrics.add(weight_stats(result.weights, span), count=2 * half)
         metrics.add_total("importance/fallbacks", result.fallbacks)
+        weights = torch.nn.functional.pad(result.weights, (0, rows["input_ids"].shape[1] - width))
 
-    logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, batch)
+    logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows)
     with torch.no_grad():
-        ref_logits, ref_logps, _ = forward(reference, batch)
+        ref_logits, ref_logps, _ = forward(reference, rows)
     ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T]
-    margins = (ratios * weights).sum(-1) if weights is not None else ratios.sum(-1)  # M(y) [N]
+    pair_ratios = ratios[pairs]
+    margins = (pair_ratios * weights).sum(-1) if weights is not None else pair_ratios.sum(-1)  # M(y) [2B]
+    pair_mask = mask[pairs]
 
     if loss_cfg.name == "ipo":
-        per_token = margins / mask.sum(-1).clamp(min=1)
+        per_token = margins / pair_mask.sum(-1).clamp(min=1)
         losses = ipo_loss(per_token[:half], per_token[half:], loss_cfg.beta)
         chosen_rewards, rejected_rewards = loss_cfg.beta * margins[:half].detach(), loss_cfg.beta * margins[half:].detach()
     else:
         alpha = loss_cfg.alpha if loss_cfg.name in ("tdpo", "tidpo") else 0.0
-        kl = (token_kl(unpacked_logits(ref_logits, batch), unpacked_logits(logits, batch), batch["labels"]).sum(-1)
-              if alpha else torch.zeros_like(margins))
+        kl = (token_kl(unpacked_logits(ref_logits, rows)[pairs], unpacked_logits(logits, rows)[pairs],
+                       rows["labels"][pairs]).sum(-1) if alpha else torch.zeros_like(margins))
         losses, chosen_rewards, rejected_rewards = tdpo_loss(
             margins[:half], margins[half:], kl[:half], kl[half:], beta=loss_cfg.beta, alpha=alpha,
             label_smoothing=loss_cfg.label_smoothing)
@@ -140,15 +154,10 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     del ref_logits
     loss_sum = losses.sum()
 
-    if loss_cfg.name == "tidpo" and loss_cfg.gamma and with_anchor:
-        anchors = anchor_batch(batch, policy, loss_cfg.anchor, pad_id=ids.pad, eos_id=ids.eos,
-                               max_length=ids.max_length, seed=seed)
-        _, anchor_logps, anchor_mask = forward(policy, anchors)
-        with torch.no_grad():
-            _, anchor_ref_logps, _ = forward(reference, anchors)
-        d, d_mask = left_align(anchor_logps - anchor_ref_logps, anchor_mask)
-        b, b_mask = left_align(ratios[:half], mask[:half])
-        c, c_mask = left_align(ratios[half:], mask[half:])
+    if anchored:
+        d, d_mask = left_align(ratios[2 * half:], mask[2 * half:])
+        b, b_mask = left_align(pair_ratios[:half], pair_mask[:half])
+        c, c_mask = left_align(pair_ratios[half:], pair_mask[half:])
         terms = triplet_terms(d, d_mask, b, b_mask, c, c_mask, loss_cfg.triplet.margin)
         loss_sum = loss_sum + loss_cfg.gamma * terms["loss"].sum()
         metrics.add({
@@ -156,7 +165,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             "triplet/dist_pos": terms["dist_pos"].sum().item(),
             "triplet/dist_neg": terms["dist_neg"].sum().item(),
             "triplet/active_frac": (terms["loss"] > 0).float().sum().item(),
-            "anchor/length": float(anchor_mask.sum()),
+            "anchor/length": float(mask[2 * half:].sum()),
         }, count=half)
 
     metrics.add({
@@ -166,7 +175,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
         "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
         "logps/chosen": (logps[:half] * mask[:half]).sum().item(),
-        "logps/rejected": (logps[half:] * mask[half:]).sum().item(),
+        "logps/rejected": (logps[half:2 * half] * mask[half:2 * half]).sum().item(),
     }, count=half)
     return loss_sum, metrics
 

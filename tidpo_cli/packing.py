@@ -17,39 +17,42 @@ import torch
 
 from .losses import IGNORE_INDEX
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+PROMPT, PAD = 0, -1  # segment ids; responses are 1, 2, ...
 SHAREABLE_ATTENTION = ("sdpa", "eager")  # flash_attention_2 takes no custom mask
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-               pad_id: int) -> dict[str, torch.Tensor]:
-    """The packed layout of a collated batch (right-padded rows, chosen rows first).
+               pad_id: int, groups: int = 2) -> dict[str, torch.Tensor]:
+    """The packed layout of a collated batch: `groups` blocks of B right-padded rows (chosen rows, rejected rows,
+    and with anchors a third block), row i of every block sharing prompt i.
 
     Returns
-      packed_ids       [B, S] long  prompt, chosen response, rejected response, then `pad_id`
-      packed_positions [B, S] long  position ids: the rejected response continues from the prompt's end
-      packed_segments  [B, S] long  PROMPT / CHOSEN / REJECTED / PAD of each position
-      packed_index     [2B, T] long packed position of each unpacked (row, t); 0 beyond the row's tokens
+      packed_ids       [B, S] long  prompt, the responses of each block in order, then `pad_id`
+      packed_positions [B, S] long  position ids: every response continues from the prompt's end
+      packed_segments  [B, S] long  PROMPT, then 1, 2, ... for the responses of blocks 0, 1, ...; PAD
+      packed_index     [G*B, T] long packed position of each unpacked (row, t); 0 beyond the row's tokens
     """
-    pairs = input_ids.shape[0] // 2
+    pairs, device = input_ids.shape[0] // groups, input_ids.device
     lengths = attention_mask.sum(dim=1).tolist()
     prompts = prompt_lengths.tolist()
-    width = max(lengths[i] + lengths[pairs + i] - prompts[i] for i in range(pairs))
-    ids = torch.full((pairs, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((pairs, width), dtype=torch.long)
-    segments = torch.full((pairs, width), PAD, dtype=torch.long)
-    index = torch.zeros(input_ids.shape, dtype=torch.long)
-    for i in range(pairs):
-        p, chosen_end, rejected_len = prompts[i], lengths[i], lengths[pairs + i] - prompts[i]
-        end = chosen_end + rejected_len
-        ids[i, :chosen_end] = input_ids[i, :chosen_end]
-        ids[i, chosen_end:end] = input_ids[pairs + i, p:p + rejected_len]
-        positions[i, :chosen_end] = torch.arange(chosen_end)
-        positions[i, chosen_end:end] = torch.arange(p, p + rejected_len)
-        segments[i, :p], segments[i, p:chosen_end], segments[i, chosen_end:end] = PROMPT, CHOSEN, REJECTED
-        index[i, :chosen_end] = torch.arange(chosen_end)
-        index[pairs + i, :p] = torch.arange(p)
-        index[pairs + i, p:p + rejected_len] = torch.arange(chosen_end, end)
+    spans = [[(g * pairs + i, prompts[i], lengths[g * pairs + i]) for g in range(groups)] for i in range(pairs)]
+    width = max(p + sum(end - start for _, start, end in rows) for p, rows in zip(prompts, spans))
+    ids = torch.full((pairs, width), pad_id, dtype=torch.long, device=device)
+    positions = torch.zeros((pairs, width), dtype=torch.long, device=device)
+    segments = torch.full((pairs, width), PAD, dtype=torch.long, device=device)
+    index = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
+    for i, rows in enumerate(spans):
+        p = prompts[i]
+        ids[i, :p], positions[i, :p], segments[i, :p] = input_ids[i, :p], torch.arange(p, device=device), PROMPT
+        at = p
+        for segment, (row, start, end) in enumerate(rows, start=1):
+            n = end - start
+            ids[i, at:at + n] = input_ids[row, start:end]
+            positions[i, at:at + n] = torch.arange(start, end, device=device)
+            segments[i, at:at + n] = segment
+            index[row, :p] = torch.arange(p, device=device)
+            index[row, start:end] = torch.arange(at, at + n, device=device)
+            at += n
     return {"packed_ids": ids, "packed_positions": positions, "packed_segments": segments, "packed_index": index}
 
 
@@ -116,7 +119,7 @@ def last_positions_packed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     index, mask = batch["packed_index"], batch["attention_mask"]
     last = mask.sum(dim=1) - 1
     rows = torch.arange(index.shape[0], device=index.device)
-    return rows % (index.shape[0] // 2), index[rows, last]
+    return rows % batch["packed_ids"].shape[0], index[rows, last]
 
 
 def packed_token_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
