@@ -49,11 +49,16 @@ else MODEL=(); fi
 BIG=("${MODEL[@]}" model.config.max_position_embeddings=1024 data=hh_rlhf "data.path=$HH" data.max_length=512 data.max_prompt_length=256 data.eval_size=8
      trainer.micro_batch_size=8 trainer.max_steps="$STEPS" trainer.eval_before=false trainer.save_every=0
      trainer.save_final=false trainer.lr=1e-5 trainer.warmup_steps=0 logger.print_every=5)
-for loss in dpo tidpo_no_triplet tidpo; do
-  if train loss=$loss "${BIG[@]}" hydra.run.dir="$RUNS/$loss" > "$OUT/$loss.log" 2>&1; then
-    status "bench_$loss" ok
-    cp "$RUNS/$loss/metrics.jsonl" "$OUT/$loss.jsonl"
-  else status "bench_$loss" "FAILED ($loss.log)"; fi
+# name:overrides. `dpo_unshared` is DPO with the prompt computed twice and batches in random order (the layout
+# before trainer.share_prompt and data.group_by_length); `tidpo_fused` takes the saliency from the loss's forward.
+ROWS=("dpo:loss=dpo" "dpo_unshared:loss=dpo trainer.share_prompt=false data.group_by_length=0"
+      "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_fused:loss=tidpo loss.importance.grad_pass=fused")
+for row in "${ROWS[@]}"; do
+  name=${row%%:*}; read -ra overrides <<< "${row#*:}"
+  if train "${overrides[@]}" "${BIG[@]}" hydra.run.dir="$RUNS/$name" > "$OUT/$name.log" 2>&1; then
+    status "bench_$name" ok
+    cp "$RUNS/$name/metrics.jsonl" "$OUT/$name.jsonl"
+  else status "bench_$name" "FAILED ($name.log)"; fi
 done
 
 "$PY" - "$OUT" "$WARMUP" "$PEAK_TFLOPS" <<'PYEOF'
@@ -66,7 +71,7 @@ for line in (out / "dpo.log").read_text().splitlines() if (out / "dpo.log").exis
         params = float(line.split("model: ")[1].split(", ")[1].split("M parameters")[0]) * 1e6
 result = {"gpu": (out / "gpu.txt").read_text().strip(), "parameters": params, "warmup_steps_excluded": warmup,
           "checks": (out / "checks.txt").read_text().splitlines(), "runs": {}}
-for loss in ("dpo", "tidpo_no_triplet", "tidpo"):
+for loss in ("dpo", "dpo_unshared", "tidpo_no_triplet", "tidpo", "tidpo_fused"):
     path = out / f"{loss}.jsonl"
     if not path.exists():
         continue
