@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, compose_config, run_tidpo
-from tidpo_cli import evaluation, explain, export
+from tidpo_cli import benchmark, evaluation, explain, export
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"(<!-- docs-test: run -->\n)?```bash\n(.*?)```", README, flags=re.S)
@@ -54,7 +54,7 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
 
 def test_the_readme_has_commands_of_every_kind():
     kinds = {c[1] for c in ALL}
-    assert {"train", "eval", "export", "explain"} <= kinds, kinds
+    assert {"train", "eval", "export", "explain", "benchmark"} <= kinds, kinds
 
 
 @pytest.mark.parametrize("argv", [c for c in ALL if c[1] == "train"], ids=lambda c: " ".join(c[2:])[:60])
@@ -68,14 +68,17 @@ def test_every_train_command_composes(argv):
         compose_config(point)  # raises on an unknown group, option, key or a bad value
 
 
-@pytest.mark.parametrize("argv", [c for c in ALL if c[1] in ("eval", "export", "explain")],
+@pytest.mark.parametrize("argv", [c for c in ALL if c[1] in ("eval", "export", "explain", "benchmark")],
                          ids=lambda c: " ".join(c[1:])[:60])
 def test_every_other_command_parses(argv):
-    parsers = {"eval": evaluation.build_parser, "export": export.build_parser, "explain": explain.build_parser}
+    parsers = {"eval": evaluation.build_parser, "export": export.build_parser, "explain": explain.build_parser,
+               "benchmark": benchmark.build_parser}
     parser = parsers[argv[1]]()
     args = parser.parse_intermixed_args(argv[2:]) if argv[1] == "eval" else parser.parse_args(argv[2:])
     if argv[1] == "eval":
         compose_config(args.overrides)
+    if argv[1] == "benchmark":
+        benchmark.parse_tasks(args.tasks)
 
 
 def test_config_tables_list_every_option_in_conf():

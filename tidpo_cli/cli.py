@@ -19,6 +19,9 @@ commands:
   export   write a trained model as an HF model directory (LoRA merged): tidpo export CHECKPOINT_OR_RUN_DIR OUT
   explain  show which tokens TI-DPO weighs: tidpo explain MODEL_OR_RUN_DIR --prompt P --response R [--rejected R2]
            or --data FILE --rows 0:8; writes explain.html, explain.png, explain.json
+  benchmark  lm-evaluation-harness tasks (the paper's Table 1) on a trained model; needs tidpo[benchmark]:
+             tidpo benchmark MODEL_OR_RUN_DIR [--tasks paper|mmlu,gsm8k,...] [--include-path DIR] [--limit N];
+             writes benchmark.json and benchmark.md
 
 With no arguments `tidpo train` runs the offline demo: a tiny Llama learns the synthetic task with TI-DPO.
 `tidpo train --help` lists the config groups and every key.
@@ -30,6 +33,7 @@ SUBCOMMANDS = {
     "eval": (".evaluation", "eval_main"),
     "export": (".export", "export_main"),
     "explain": (".explain", "explain_main"),
+    "benchmark": (".benchmark", "benchmark_main"),
 }
 
 
