@@ -105,3 +105,22 @@ def test_a_full_tidpo_step_runs_one_policy_forward_and_one_reference_forward():
     assert loss_forward[0] == len(pairs) and calls["reference"] == [loss_forward]  # one packed row per pair
     assert len(generation) >= 2 and all(rows == len(pairs) for rows, _ in generation)
     assert packed_width > batch["input_ids"].shape[1]  # the anchors' tokens sit in the packed rows
+
+
+@pytest.mark.parametrize("overrides, device, expected", [
+    (["loss=dpo"], "cpu", True),                       # auto: on the CPU
+    (["loss=dpo"], "cuda", False),                     # auto: not on a GPU (the causal kernels are faster)
+    (["loss=dpo", "trainer.share_prompt=true"], "cuda", True),
+    (["loss=dpo", "trainer.share_prompt=false"], "cpu", False),
+    (["loss=sft"], "cpu", False),
+    (["loss=tidpo_code"], "cpu", False),               # span=prompt_response needs each row's prompt gradient
+    (["loss=dpo", "model.attn_implementation=flash_attention_2"], "cpu", False),
+])
+def test_when_batches_share_the_prompt(overrides, device, expected):
+    from tidpo_cli.trainer import share_prompt
+
+    cfg = compose_config([*QUICK, *overrides])
+    policy = pairs_and_model(n=1)[3]
+    if cfg.model.attn_implementation == "flash_attention_2":  # no flash-attn here: only the setting is read
+        policy.config._attn_implementation = "flash_attention_2"
+    assert share_prompt(cfg, policy, torch.device(device)) is expected

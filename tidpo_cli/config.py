@@ -154,7 +154,7 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = key(above(0))
     precision: str = key(one_of("fp32", "bf16"))
     gradient_checkpointing: bool = key()
-    share_prompt: bool = key()
+    share_prompt: Any = key(one_of("auto", True, False))
     eval_every: int = key(at_least(0))
     eval_before: bool = key()
     eval_batch_size: int = key(above(0))

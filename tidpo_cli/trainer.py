@@ -104,7 +104,7 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     sums = MetricSums()
     mine = pairs[dist.rank::dist.world]
     batches = list(eval_batches(mine or pairs[:1], cfg.trainer.eval_batch_size, ids.pad,
-                                share_prompt=share_prompt(cfg, policy)))
+                                share_prompt=share_prompt(cfg, policy, device)))
     real = len(batches) if mine else 0
     for index in range(dist.max(len(batches))):
         batch = batches[min(index, len(batches) - 1)]
@@ -117,9 +117,13 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     return dist.sum_metrics(sums).means(prefix="eval/")
 
 
-def share_prompt(cfg: DictConfig, model, say: bool = False) -> bool:
-    """Whether batches use the packed layout (packing.py); `say` logs why a requested one cannot be used."""
-    if not cfg.trainer.share_prompt:
+def share_prompt(cfg: DictConfig, model, device: torch.device, say: bool = False) -> bool:
+    """Whether batches use the packed layout (packing.py); `say` logs why a requested one cannot be used.
+
+    `auto` shares on the CPU only: on a GPU the 4-D mask keeps SDPA off its fused causal (flash) kernels, which
+    cost more than the prompt's second copy (docs/benchmarks.md: DPO 1.6x slower per step on an H200)."""
+    wanted = cfg.trainer.share_prompt
+    if wanted is False or (wanted == "auto" and device.type != "cpu"):
         return False
     blocker = sharing_blocker(cfg.loss, attention_implementation(model))
     if blocker and say and cfg.loss.name != "sft":
@@ -179,7 +183,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
     # One global stream of micro-batches, the same on every rank; rank r takes micro-batches r, r + world, ...
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
-                         shuffle=cfg.data.shuffle, share_prompt=share_prompt(cfg, policy, say=True),
+                         shuffle=cfg.data.shuffle, share_prompt=share_prompt(cfg, policy, device, say=True),
                          group_by_length=cfg.data.group_by_length)
     steps = total_steps(cfg, stream.batches_per_epoch // dist.world)
     optimizer = build_optimizer(policy, t)

@@ -19,6 +19,7 @@ WARMUP=${BENCH_WARMUP:-5}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 DEVICE=${DEVICE:-cuda}                     # DEVICE=cpu SIZE=small: a quick run of this script without a GPU
 SIZE=${SIZE:-1b}
+CHECKS=${CHECKS:-1}                        # CHECKS=0: throughput rows only
 mkdir -p "$OUT"
 RUNS=$(mktemp -d)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -30,6 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 cat "$OUT/gpu.txt"
 
 # 1. The demo's TI-DPO run, shortened, on the GPU with bf16 autocast.
+if [ "$CHECKS" = 1 ]; then
 if train trainer.max_steps=100 hydra.run.dir="$RUNS/tiny" > "$OUT/tiny.log" 2>&1; then
   status tiny_bf16_tidpo "ok: $(grep -o 'held-out rewards/accuracies: .*' "$OUT/tiny.log")"
 else status tiny_bf16_tidpo "FAILED (tiny.log)"; fi
@@ -40,6 +42,7 @@ if train loss=tidpo deepspeed=zero3 deepspeed.zero_optimization.stage3_param_per
    && "$PY" -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('$RUNS/zero3/final')"; then
   status zero3_nccl_bf16 "ok: $(grep -o 'held-out rewards/accuracies: .*' "$OUT/zero3.log")"
 else status zero3_nccl_bf16 "FAILED (zero3.log)"; fi
+fi
 
 # 3. Throughput on a ~1.1B Llama (hidden 2048, 16 layers), fp32 master weights, bf16 autocast.
 if [ "$SIZE" = 1b ]; then
@@ -51,7 +54,8 @@ BIG=("${MODEL[@]}" model.config.max_position_embeddings=1024 data=hh_rlhf "data.
      trainer.save_final=false trainer.lr=1e-5 trainer.warmup_steps=0 logger.print_every=5)
 # name:overrides. `dpo_unshared` is DPO with the prompt computed twice and batches in random order (the layout
 # before trainer.share_prompt and data.group_by_length); `tidpo_fused` takes the saliency from the loss's forward.
-ROWS=("dpo:loss=dpo" "dpo_unshared:loss=dpo trainer.share_prompt=false data.group_by_length=0"
+IFS=';' read -ra ROWS <<< "${GPU_ROWS:-}"
+[ ${#ROWS[@]} -gt 0 ] || ROWS=("dpo:loss=dpo" "dpo_unshared:loss=dpo trainer.share_prompt=false data.group_by_length=0"
       "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_fused:loss=tidpo loss.importance.grad_pass=fused")
 for row in "${ROWS[@]}"; do
   name=${row%%:*}; read -ra overrides <<< "${row#*:}"
