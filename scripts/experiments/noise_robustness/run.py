@@ -62,7 +62,8 @@ def warm_up(out: Path, args: argparse.Namespace) -> Path:
     run_dir = out / "warmup"
     extra = [f"trainer.max_steps={args.warmup_steps}"] if args.warmup_steps else []
     extra += [f"data.eval_size={args.eval_size}"] if args.eval_size else []
-    tidpo(["+experiment=noise_warmup", *extra, f"hydra.run.dir={run_dir}"], child_env(threads=2))
+    # one thread: two spin against each other when anything else runs
+    tidpo(["+experiment=noise_warmup", *extra, f"hydra.run.dir={run_dir}"], child_env(threads=1))
     return run_dir / "final"
 
 
