@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tidpo-installed
 
-.PHONY: demo test install clean bench bench-scaling
+.PHONY: demo test install clean bench bench-scaling experiment
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: $(STAMP)
 # Step time of loss=dpo and loss=tidpo over max_length x batch, writing bench-scaling.json (no TRL needed).
 bench-scaling: $(STAMP)
 	$(BIN)/python scripts/bench/scaling.py
+
+# The label-noise and ablation study (issue 7; docs/results/noise_robustness.md): about 40 minutes on 2 CPU cores,
+# resumable (run it again after an interruption). Writes runs/noise_robustness/ and docs/results/noise_robustness.*
+experiment: $(STAMP)
+	$(BIN)/python scripts/experiments/noise_robustness/run.py --out runs/noise_robustness --report docs/results
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
