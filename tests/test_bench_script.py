@@ -41,31 +41,34 @@ def test_summarize_medians_after_warmup():
     assert out["samples_per_s"] == pytest.approx(8 / 3.5)
     assert out["tokens_per_s"] == pytest.approx(250.0)
     assert out["tokens_per_step"] == pytest.approx(850.0)
+    # the whole run, every step: 5 steps of 8 pairs in 24 s; 3400 tokens in 24 s
+    assert out["run_samples_per_s"] == pytest.approx(40 / 24)
+    assert out["run_tokens_per_s"] == pytest.approx(3400 / 24)
     with pytest.raises(ValueError):
         bench.summarize([1.0, 2.0], batch=8, tokens=[1, 2], warmup=2)
 
 
 def test_ratios_and_targets():
     results = {
-        "trl_dpo": {"samples_per_s": 0.5, "tokens_per_s": 400.0, "step_s": 16.0, "peak_rss_mb": 1000.0},
-        "tidpo_dpo": {"samples_per_s": 0.8, "tokens_per_s": 600.0, "step_s": 10.0, "peak_rss_mb": 900.0},
+        "trl_dpo": {"samples_per_s": 0.5, "run_samples_per_s": 0.4, "step_s": 16.0, "peak_rss_mb": 1000.0},
+        "tidpo_dpo": {"samples_per_s": 0.8, "run_samples_per_s": 0.7, "step_s": 10.0, "peak_rss_mb": 900.0},
         "tidpo_no_triplet": {"samples_per_s": 8 / 13, "step_s": 13.0, "peak_rss_mb": 950.0},
         "tidpo": {"samples_per_s": 8 / 22, "step_s": 22.0, "peak_rss_mb": 990.0},
-        "tidpo_dpo_bf16": {"samples_per_s": 1.0, "step_s": 8.0, "peak_rss_mb": 800.0},
+        "tidpo_dpo_bf16": {"samples_per_s": 1.0, "run_samples_per_s": 0.8, "step_s": 8.0, "peak_rss_mb": 800.0},
     }
     r = bench.ratios(results)
-    assert r["tidpo_dpo_vs_trl_dpo_samples_per_s"] == pytest.approx(1.6)
-    assert r["tidpo_dpo_vs_trl_dpo_tokens_per_s"] == pytest.approx(1.5)
+    assert r["tidpo_dpo_vs_trl_dpo_run_samples_per_s"] == pytest.approx(1.75)
+    assert r["tidpo_dpo_vs_trl_dpo_median_samples_per_s"] == pytest.approx(1.6)
     assert r["tidpo_dpo_vs_trl_dpo_peak_rss"] == pytest.approx(0.9)
     assert r["tidpo_no_triplet_vs_tidpo_dpo_step_s"] == pytest.approx(1.3)
     assert r["tidpo_vs_tidpo_dpo_step_s"] == pytest.approx(2.2)
-    assert r["tidpo_dpo_bf16_vs_trl_dpo_samples_per_s"] == pytest.approx(2.0)
+    assert r["tidpo_dpo_bf16_vs_trl_dpo_run_samples_per_s"] == pytest.approx(2.0)
     assert r["tidpo_dpo_bf16_vs_tidpo_dpo_step_s"] == pytest.approx(0.8)
 
     t = bench.targets(results)
     verdicts = {name: (round(v["value"], 6), v["threshold"], v["pass"]) for name, v in t.items()}
     assert verdicts == {
-        "tidpo_dpo samples/s >= 1.5 x trl_dpo": (1.6, 1.5, True),
+        "tidpo_dpo samples/s >= 1.5 x trl_dpo": (1.75, 1.5, True),  # the whole run's, not the medians' 1.6
         "tidpo_dpo peak RSS <= trl_dpo": (0.9, 1.0, True),
         "tidpo_no_triplet step time <= 1.35 x tidpo_dpo": (1.3, 1.35, True),
         "tidpo step time <= 2.0 x tidpo_dpo": (2.2, 2.0, False),

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="few-shot examples for every task (default: each task's own setting)")
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: RUN/benchmark for a run, else ./benchmark-NAME)")
+    parser.add_argument("--chat-template", action="store_true",
+                        help="render prompts with the tokenizer's chat template, few-shot examples as turns "
+                             "(instruct models; lm-eval's apply_chat_template + fewshot_as_multiturn)")
     parser.add_argument("--allow-code-eval", action="store_true",
                         help="allow tasks that execute model-written code (HumanEval, MBPP) on this machine")
     return parser
@@ -108,11 +111,13 @@ def benchmark_main(argv: list[str]) -> None:
             log_samples=False,
             task_manager=task_manager,
             confirm_run_unsafe_code=args.allow_code_eval,
+            apply_chat_template=args.chat_template,
+            fewshot_as_multiturn=args.chat_template,
         )
     report = {
         "model": str(args.model), "evaluated": str(source), "run_dir": str(run_dir) if run_dir else None,
         "tasks": tasks, "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
-        "device": str(device), "dtype": args.dtype, "include_path": str(include) if include else None,
+        "device": str(device), "dtype": args.dtype, "chat_template": args.chat_template, "include_path": str(include) if include else None,
         "versions": versions(), "lm_eval": results,
     }
     write_report(report, out)

@@ -88,8 +88,11 @@ CONTENDERS: dict[str, str] = {  # label -> `tidpo train` loss, or "trl"
     "tidpo": "loss=tidpo",
 }
 # The issue's targets: (name, numerator, denominator, metric, op, threshold)
+# Against TRL the whole run counts (every step, the same rows: tidpo's length grouping puts different rows in a
+# given step, so step-by-step medians compare different work); among tidpo rows, which share the batches, the
+# median step.
 TARGETS = [
-    ("tidpo_dpo samples/s >= 1.5 x trl_dpo", "tidpo_dpo", "trl_dpo", "samples_per_s", ">=", 1.5),
+    ("tidpo_dpo samples/s >= 1.5 x trl_dpo", "tidpo_dpo", "trl_dpo", "run_samples_per_s", ">=", 1.5),
     ("tidpo_dpo peak RSS <= trl_dpo", "tidpo_dpo", "trl_dpo", "peak_rss_mb", "<=", 1.0),
     ("tidpo_no_triplet step time <= 1.35 x tidpo_dpo", "tidpo_no_triplet", "tidpo_dpo", "step_s", "<=", 1.35),
     ("tidpo step time <= 2.0 x tidpo_dpo", "tidpo", "tidpo_dpo", "step_s", "<=", 2.0),
@@ -256,7 +259,9 @@ def select_rows(raw: Iterable[dict], n: int, n_tokens: Callable[[str], int], max
 
 def summarize(step_s: list[float], batch: int, tokens: list[int], warmup: int) -> dict[str, Any]:
     """Medians over the steps after `warmup`: step time, samples/s (= batch / median step time), and tokens/s (the
-    median over steps of that step's tokens / its time)."""
+    median over steps of that step's tokens / its time); and the whole run's throughput, every step counted
+    (`run_*`: pairs or tokens of all steps / their summed time), which compares tools that group rows into steps
+    differently (`tokens` holds what each step of this tool held)."""
     if len(step_s) <= warmup:
         raise ValueError(f"{len(step_s)} step times, none left after {warmup} warm-up steps")
     if len(tokens) < len(step_s):
@@ -269,6 +274,8 @@ def summarize(step_s: list[float], batch: int, tokens: list[int], warmup: int) -
         "samples_per_s": batch / step,
         "tokens_per_s": statistics.median(t / s for t, s in zip(toks, times)),
         "tokens_per_step": statistics.median(toks),
+        "run_samples_per_s": batch * len(step_s) / sum(step_s),
+        "run_tokens_per_s": sum(tokens[:len(step_s)]) / sum(step_s),
     }
 
 
@@ -281,15 +288,15 @@ def ratios(results: dict[str, dict]) -> dict[str, float | None]:
     """Within-run ratios: tidpo's DPO against TRL's, the TI-DPO variants against tidpo's DPO, and every extra row
     against both."""
     out = {
-        "tidpo_dpo_vs_trl_dpo_samples_per_s": _ratio(results, "tidpo_dpo", "trl_dpo", "samples_per_s"),
-        "tidpo_dpo_vs_trl_dpo_tokens_per_s": _ratio(results, "tidpo_dpo", "trl_dpo", "tokens_per_s"),
+        "tidpo_dpo_vs_trl_dpo_run_samples_per_s": _ratio(results, "tidpo_dpo", "trl_dpo", "run_samples_per_s"),
+        "tidpo_dpo_vs_trl_dpo_median_samples_per_s": _ratio(results, "tidpo_dpo", "trl_dpo", "samples_per_s"),
         "tidpo_dpo_vs_trl_dpo_peak_rss": _ratio(results, "tidpo_dpo", "trl_dpo", "peak_rss_mb"),
         "tidpo_no_triplet_vs_tidpo_dpo_step_s": _ratio(results, "tidpo_no_triplet", "tidpo_dpo", "step_s"),
         "tidpo_vs_tidpo_dpo_step_s": _ratio(results, "tidpo", "tidpo_dpo", "step_s"),
     }
     for label in results:
         if label not in CONTENDERS:
-            out[f"{label}_vs_trl_dpo_samples_per_s"] = _ratio(results, label, "trl_dpo", "samples_per_s")
+            out[f"{label}_vs_trl_dpo_run_samples_per_s"] = _ratio(results, label, "trl_dpo", "run_samples_per_s")
             out[f"{label}_vs_tidpo_dpo_step_s"] = _ratio(results, label, "tidpo_dpo", "step_s")
     return out
 
@@ -314,15 +321,17 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def markdown(results: dict[str, dict], ratio: dict[str, float | None], target: dict[str, dict]) -> str:
-    lines = ["| contender | step (s) | samples/s | tokens/s | peak RSS (MB) | setup (s) | wall (s) | steps measured |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| contender | whole run: samples/s | whole run: tokens/s | median step (s) | median samples/s "
+             "| peak RSS (MB) | setup (s) | wall (s) | steps |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.items():
         if "error" in r:
-            lines.append(f"| `{label}` | failed: {r['error']} |  |  |  |  |  |  |")
+            lines.append(f"| `{label}` | failed: {r['error']} |  |  |  |  |  |  |  |")
             continue
-        lines.append(f"| `{label}` | {_fmt(r['step_s'])} | {_fmt(r['samples_per_s'])} | {_fmt(r['tokens_per_s'], 1)} "
+        lines.append(f"| `{label}` | {_fmt(r['run_samples_per_s'])} | {_fmt(r['run_tokens_per_s'], 1)} "
+                     f"| {_fmt(r['step_s'])} | {_fmt(r['samples_per_s'])} "
                      f"| {_fmt(r['peak_rss_mb'], 0)} | {_fmt(r['setup_s'], 1)} | {_fmt(r['wall_s'], 1)} "
-                     f"| {r['steps_measured']} |")
+                     f"| {r['steps_run']} |")
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in ratio.items()]
     lines += ["", "| target | value | threshold | pass |", "|---|---:|---:|---|"]
@@ -494,9 +503,14 @@ def run_trl(label: str, s: Settings, work: Path, model_dir: Path, data: dict, ex
 
 def _figures(s: Settings, step_s: list[float], tokens: list[int], seen: list[int], child: dict) -> dict[str, Any]:
     """The medians, setup time, and whether the tool saw the tokens the rows say (same rows, same order, no cut)."""
-    out = summarize(step_s, s.batch, tokens, s.warmup)
+    out = summarize(step_s, s.batch, seen, s.warmup)
     n = len(step_s)
-    check = "ok" if seen[:n] == tokens[:n] else f"differs: rows say {tokens[:n]}, the tool saw {seen[:n]}"
+    if seen[:n] == tokens[:n]:
+        check = "ok"
+    elif sum(seen[:n]) == sum(tokens[:n]):  # length grouping: the same rows, other batches
+        check = "ok (the same tokens in all, grouped into other steps)"
+    else:
+        check = f"differs: rows say {tokens[:n]}, the tool saw {seen[:n]}"
     return {**out, "steps_run": n, "step_times_s": step_s, "tokens_per_step_rows": tokens[:n],
             "tokens_check": check, "setup_s": child["wall_s"] - sum(step_s)}
 
