@@ -155,3 +155,24 @@ def test_without_lm_eval_the_error_says_how_to_install_it(tmp_path, monkeypatch,
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     err = fails_with(["benchmark", str(tmp_path), "--tasks", "mmlu"], capsys)
     assert err == 'tidpo: error: tidpo benchmark needs lm-evaluation-harness: pip install "tidpo[benchmark]"'
+
+
+def test_chat_template_renders_the_prompts_with_the_tokenizers_template(run_dir, task_dir, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    contexts = []
+    original = HFLM.loglikelihood
+
+    def recording(self, requests, *args, **kwargs):
+        contexts.extend(r.args[0] for r in requests)
+        return original(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "loglikelihood", recording)
+    out = tmp_path / "chat"
+    main(["benchmark", str(run_dir / "final"), "--tasks", TASK, "--include-path", str(task_dir), "--device", "cpu",
+          "--chat-template", "--out", str(out)])
+    assert json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["chat_template"] is True
+    tokenizer = build_byte_tokenizer()
+    rendered = {tokenizer.apply_chat_template([{"role": "user", "content": f"Question: {row['question']}\nAnswer:"}],
+                                              tokenize=False, add_generation_prompt=True) for row in ROWS}
+    assert contexts and set(contexts) == rendered  # every request's context is the rendered user turn
