@@ -112,6 +112,12 @@ class AdapterOff:
     def __init__(self, peft_model) -> None:
         self.peft_model = peft_model
 
+    def modules(self):  # what packing.model_inputs reads: the attention kernel and the weights' dtype
+        return self.peft_model.modules()
+
+    def parameters(self):
+        return self.peft_model.parameters()
+
     def __call__(self, **inputs):
         model = self.peft_model.get_base_model()
         was_training = model.training
