@@ -30,6 +30,11 @@ REPO = Path(__file__).resolve().parents[3]
 METHODS = ["dpo", "tidpo", "tidpo_no_triplet", "tidpo_uniform", "tidpo_no_prior"]
 NOISE = [0.0, 0.1, 0.2, 0.4]
 SEEDS = [0, 1, 2]
+METRICS = {  # per run -> the title of its table
+    "accuracy": "Held-out preference accuracy of the implicit reward",
+    "critical": "Greedy replies with every critical token right",
+    "chosen_logp_change": "Change of the held-out chosen responses' log-likelihood (nats per response, end - start)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,11 +120,11 @@ def critical_tokens_right(reply: list[int], chosen: list[int], rejected: list[in
     return all(i < len(reply) and reply[i] == chosen[i] for i in positions)
 
 
-def final_eval(run_dir: Path) -> dict[str, float]:
-    """The last held-out eval row the run logged."""
+def evals(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The first (before training) and last held-out eval rows the run logged."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if "eval/rewards/accuracies" in r]
-    return evals[-1]
+    rows = [r for r in rows if "eval/rewards/accuracies" in r]
+    return rows[0], rows[-1]
 
 
 def score(out: Path, warm: Path) -> list[dict]:
@@ -133,8 +138,11 @@ def score(out: Path, warm: Path) -> list[dict]:
         record = {"run": run_dir.name, **json.loads(cached.read_text())}
         if run_dir != warm.parent:
             point = dict(part.split("=", 1) for part in run_dir.name.split(","))
+            first, last = evals(run_dir)
             record.update(method=point["loss"], noise=float(point["data.flip_labels"]), seed=int(point["seed"]),
-                          accuracy=final_eval(run_dir)["eval/rewards/accuracies"])
+                          accuracy=last["eval/rewards/accuracies"],
+                          # how far the chosen responses' log-likelihood moved (held-out, summed over a response)
+                          chosen_logp_change=last["eval/logps/chosen"] - first["eval/logps/chosen"])
         else:
             record.update(method="sft_warmup")
         records.append(record)
@@ -147,12 +155,12 @@ def summarize(records: list[dict]) -> dict:
     for record in records:
         if record["method"] == "sft_warmup":
             continue
-        cell = cells.setdefault(record["method"], {}).setdefault(str(record["noise"]), {"accuracy": [], "critical": []})
-        cell["accuracy"].append(record["accuracy"])
-        cell["critical"].append(record["critical"])
+        cell = cells.setdefault(record["method"], {}).setdefault(str(record["noise"]), {m: [] for m in METRICS})
+        for name in METRICS:
+            cell[name].append(record[name])
     for method in cells.values():
         for cell in method.values():
-            for name in ("accuracy", "critical"):
+            for name in METRICS:
                 values = cell.pop(name)
                 cell[name] = {"mean": statistics.fmean(values),
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
@@ -162,8 +170,7 @@ def summarize(records: list[dict]) -> dict:
 def markdown(summary: dict, warmup: dict | None) -> str:
     noise = sorted({float(n) for cells in summary.values() for n in cells})
     lines = []
-    for name, title in (("accuracy", "Held-out preference accuracy of the implicit reward"),
-                        ("critical", "Greedy replies with every critical token right")):
+    for name, title in METRICS.items():
         lines += [f"**{title}** (mean ± std over seeds)", "",
                   "| method | " + " | ".join(f"{n:.0%} flipped" for n in noise) + " |",
                   "|---|" + "---:|" * len(noise)]
@@ -183,9 +190,10 @@ def plot(summary: dict, warmup: dict | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name, title in ((axes[0], "accuracy", "preference accuracy (implicit reward)"),
-                            (axes[1], "critical", "greedy replies: critical tokens right")):
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    titles = {"accuracy": "preference accuracy (implicit reward)", "critical": "greedy replies: critical tokens right",
+              "chosen_logp_change": "change of chosen log-likelihood (nats)"}
+    for ax, name in zip(axes, METRICS):
         for method, cells in summary.items():
             noise = sorted(cells, key=float)
             ax.errorbar([100 * float(n) for n in noise], [cells[n][name]["mean"] for n in noise],
@@ -193,7 +201,7 @@ def plot(summary: dict, warmup: dict | None, path: Path) -> None:
         if name == "critical" and warmup is not None:
             ax.axhline(warmup["critical"], color="grey", linestyle="--", label="SFT warm-up")
         ax.set_xlabel("flipped training labels (%)")
-        ax.set_title(title)
+        ax.set_title(titles[name])
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -211,6 +219,23 @@ def write_report(records: list[dict], where: Path, settings: dict) -> None:
     plot(summary, warmup, where / "noise_robustness.png")
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def shown(path: Path | None) -> str | None:
+    """A path as the report shows it: relative to the repository when inside it."""
+    if path is None:
+        return None
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
@@ -218,9 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     warm = warm_up(args.out, args)
     sweep(args.out, warm, args)
     records = score(args.out, warm)
-    settings = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                "command": "python scripts/experiments/noise_robustness/run.py " + " ".join(argv or sys.argv[1:]),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    settings = {**{k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "command": " ".join(["python scripts/experiments/noise_robustness/run.py",
+                                     *(shown(Path(a)) if a.startswith("/") else a for a in (argv or sys.argv[1:]))]),
+                "machine": f"{cpu_model()}, {os.cpu_count()} cores",
                 "wall_s_this_invocation": round(time.time() - started, 1)}
     for where in filter(None, [args.out, args.report]):
         write_report(records, where, settings)
