@@ -1,5 +1,6 @@
 """Anchor sampling: reproducible, bounded by max_new_tokens and EOS, correct for ragged prompt batches."""
 
+import pytest
 import torch
 
 from tidpo_cli.anchors import anchor_batch, anchor_contexts, generate
@@ -100,3 +101,43 @@ def test_anchor_batch_labels_cover_the_anchor_response_only():
         assert 1 <= n - prompt_len <= 6
         assert torch.equal(labels[prompt_len:n], ids[prompt_len:n])
         assert (labels[n:] == IGNORE_INDEX).all()
+
+
+def test_anchor_windows_start_every_k_steps_and_end_with_the_run():
+    from helpers import compose_config
+    from tidpo_cli.trainer import anchor_window
+
+    cfg = compose_config(["loss=tidpo", "loss.anchor.refresh_every=3"])
+    assert [anchor_window(cfg, s, 8) for s in range(1, 9)] == [3, 2, 1, 3, 2, 1, 2, 1]  # windows 1-3, 4-6, 7-8
+    assert anchor_window(compose_config(["loss=tidpo"]), 5, 8) == 1                      # the paper: every step
+    assert anchor_window(compose_config(["loss=tidpo_no_triplet", "loss.anchor.refresh_every=3"]), 1, 8) == 1
+
+
+def test_refresh_every_samples_the_anchors_of_k_steps_in_one_generation(tmp_path, monkeypatch):
+    """Every pair still gets its own anchor, but all of a window's are sampled at its first step; a run resumed at
+    a window's edge equals the uninterrupted one."""
+    import json
+
+    from helpers import QUICK, compose_config
+    from tidpo_cli import anchors
+    from tidpo_cli.trainer import train
+
+    calls = []
+    original = anchors.generate
+    monkeypatch.setattr(anchors, "generate", lambda model, contexts, **kw: calls.append(len(contexts))
+                        or original(model, contexts, **kw))
+    run = [*QUICK, "loss=tidpo", "loss.anchor.refresh_every=3", "trainer.save_every=3", "trainer.save_final=false",
+           "trainer.schedule=constant"]  # the same lr whatever max_steps, so stopping at 3 changes nothing
+    train(compose_config([*run, "trainer.max_steps=6"]), tmp_path / "whole")
+    assert calls == [24, 24]  # 3 steps x 8 pairs, twice
+
+    def losses(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["anchor/length"]) for r in rows if "anchor/length" in r]
+
+    train(compose_config([*run, "trainer.max_steps=3"]), tmp_path / "resumed")
+    train(compose_config([*run, "trainer.max_steps=6"]), tmp_path / "resumed")
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert [s for s, *_ in resumed] == list(range(1, 7))
+    for (_, a, la), (_, b, lb) in zip(whole, resumed):
+        assert a == pytest.approx(b, abs=1e-6) and la == lb

@@ -76,18 +76,29 @@ def anchor_batch(batch: Batch, model, anchor_cfg: DictConfig, *, pad_id: int, eo
                  seed: int) -> Batch:
     """Generate one anchor per pair and collate them like training rows (right-padded, labels on the
     anchor response: for `chosen_prefix` that is the copied prefix and the sampled rest)."""
-    contexts = anchor_contexts(batch, anchor_cfg.source, anchor_cfg.prefix_fraction)
-    room = max_length - max(len(c) for c in contexts)  # an anchor is no longer than a training row
-    sampled = generate(model, contexts, pad_id=pad_id, eos_id=eos_id,
-                       max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
-                       temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
-                       seed=seed)
-    pairs = len(contexts)
-    rows = [torch.cat([contexts[i], sampled[i]]) for i in range(pairs)]
-    prompt_lengths = [int(batch["prompt_lengths"][i]) for i in range(pairs)]
+    return sample_anchors([batch], model, anchor_cfg, pad_id=pad_id, eos_id=eos_id, max_length=max_length,
+                          seed=seed)[0]
+
+
+def sample_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_id: int, eos_id: int,
+                   max_length: int, seed: int) -> list[Batch]:
+    """`anchor_batch` for several collated batches at once: one batched generation over all their pairs (what
+    `anchor.refresh_every` > 1 uses for the micro-batches of several steps), one anchor batch per input batch."""
+    contexts = [anchor_contexts(b, anchor_cfg.source, anchor_cfg.prefix_fraction) for b in batches]
+    flat = [c for per_batch in contexts for c in per_batch]
+    room = max_length - max(len(c) for c in flat)  # an anchor is no longer than a training row
+    sampled = iter(generate(model, flat, pad_id=pad_id, eos_id=eos_id,
+                            max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
+                            temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
+                            seed=seed))
+    return [_collate_anchors([torch.cat([c, next(sampled)]) for c in per_batch],
+                             [int(n) for n in b["prompt_lengths"][:len(per_batch)]], pad_id, b["input_ids"].device)
+            for b, per_batch in zip(batches, contexts)]
+
+
+def _collate_anchors(rows: list[torch.Tensor], prompt_lengths: list[int], pad_id: int, device) -> Batch:
     width = max(len(r) for r in rows)
-    device = batch["input_ids"].device
-    input_ids = torch.full((pairs, width), pad_id, dtype=torch.long, device=device)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, row in enumerate(rows):
@@ -96,6 +107,24 @@ def anchor_batch(batch: Batch, model, anchor_cfg: DictConfig, *, pad_id: int, eo
         labels[i, prompt_lengths[i]:len(row)] = row[prompt_lengths[i]:]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "prompt_lengths": torch.tensor(prompt_lengths, device=device)}
+
+
+ANCHOR_KEY = "anchor_"  # a micro-batch may carry anchors sampled ahead of its step (anchor.refresh_every > 1)
+
+
+def attach_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_id: int, eos_id: int,
+                   max_length: int, seed: int) -> None:
+    """Sample the anchors of every batch in `batches` now, in one generation, and store them in each batch
+    (`anchor_*` keys), for `batch_loss` to use instead of sampling its own."""
+    for batch, anchors in zip(batches, sample_anchors(batches, model, anchor_cfg, pad_id=pad_id, eos_id=eos_id,
+                                                      max_length=max_length, seed=seed)):
+        batch.update({ANCHOR_KEY + k: v for k, v in anchors.items()})
+
+
+def attached_anchors(batch: Batch) -> Batch | None:
+    """The anchors `attach_anchors` stored in `batch`, if any."""
+    found = {k.removeprefix(ANCHOR_KEY): v for k, v in batch.items() if k.startswith(ANCHOR_KEY)}
+    return found or None
 
 
 def with_anchors(batch: Batch, anchors: Batch, pad_id: int) -> Batch:

@@ -126,6 +126,7 @@ class AnchorConfig:
     top_k: int = key(at_least(0))
     top_p: float = key(closed(0.0, 1.0))
     prefix_fraction: float = key(in_range(0.0, 1.0))
+    refresh_every: int = key(above(0))
 
 
 @dataclass

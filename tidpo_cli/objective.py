@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from .anchors import anchor_batch, with_anchors
+from .anchors import anchor_batch, attached_anchors, with_anchors
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
 from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
@@ -99,8 +99,8 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     if anchored:
         # Sampled before the loss's forward, from the same weights, so the anchors ride in that forward (after
         # their pair's prompt when it is shared) instead of forwards of their own.
-        anchors = anchor_batch(batch, policy, loss_cfg.anchor, pad_id=ids.pad, eos_id=ids.eos,
-                               max_length=ids.max_length, seed=seed)
+        anchors = attached_anchors(batch) or anchor_batch(batch, policy, loss_cfg.anchor, pad_id=ids.pad,
+                                                          eos_id=ids.eos, max_length=ids.max_length, seed=seed)
         rows = with_anchors(batch, anchors, ids.pad)
     width = batch["input_ids"].shape[1]  # the pairs' own width; `rows` may be wider
 

@@ -22,6 +22,7 @@ from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, sav
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
+from .anchors import attach_anchors
 from .objective import TokenIds, batch_loss, loss_items
 from .packing import attention_implementation, sharing_blocker
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
@@ -131,6 +132,15 @@ def share_prompt(cfg: DictConfig, model, device: torch.device, say: bool = False
     return blocker is None
 
 
+def anchor_window(cfg: DictConfig, step: int, steps: int) -> int:
+    """Steps whose anchors are sampled together at `step`: `loss.anchor.refresh_every` (windows start at steps 1,
+    k + 1, 2k + 1, ...; a run resumed inside one samples the rest of it anew), 1 without anchors."""
+    if cfg.loss.name != "tidpo" or not cfg.loss.gamma:
+        return 1
+    k = cfg.loss.anchor.refresh_every
+    return min(k - (step - 1) % k, steps - step + 1)
+
+
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
     if cfg.trainer.max_steps is not None:
         return cfg.trainer.max_steps
@@ -217,24 +227,36 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             tracker.close()
             return done
 
+    read_to = (state.epoch, state.position)  # where the stream stands after the step last taken (prefetch aside)
+
     def checkpoint_now() -> None:
-        state.epoch, state.position = stream.epoch, stream.position
+        state.epoch, state.position = read_to
         path = save_checkpoint(run_dir, state, engine, cfg, t.keep_last, dist)
         log.info("checkpoint: %s", path)
 
     before = (run_eval(0) if splits.eval and t.eval_before else {}) if state.step == 0 else tracker.logged(0)
     signals = StopSignals()
     batches = iter(stream)
+    ahead: list[tuple[list, tuple[int, int]]] = []  # steps read in advance: (this rank's micro-batches, stream place)
+
+    def take_step() -> tuple[list, tuple[int, int]]:
+        micro = [to_device(b, device) for k, b in enumerate(next(batches) for _ in range(t.grad_accum * dist.world))
+                 if k % dist.world == dist.rank]
+        return micro, (stream.epoch, stream.position)
+
     try:
         while state.step < steps:
             step = state.step + 1
             started = time.perf_counter()
-            micro_batches = [to_device(b, device) for k, b in
-                             enumerate(next(batches) for _ in range(t.grad_accum * dist.world))
-                             if k % dist.world == dist.rank]
             # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
-            sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids,
-                                        seed=(cfg.seed + 1) * 1_000_003 + step * t.grad_accum * dist.world,
+            seed = (cfg.seed + 1) * 1_000_003 + step * t.grad_accum * dist.world
+            if not ahead:
+                ahead = [take_step() for _ in range(anchor_window(cfg, step, steps))]
+                if len(ahead) > 1:  # anchor.refresh_every: the anchors of the window's steps, sampled now at once
+                    attach_anchors([b for micro, _ in ahead for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
+                                   eos_id=ids.eos, max_length=ids.max_length, seed=seed + dist.rank)
+            micro_batches, read_to = ahead.pop(0)
+            sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids, seed=seed,
                                         autocast=autocast, engine=engine, dist=dist)
             metrics = dist.sum_metrics(sums).means()
             grad_norm, stepped = engine.step(math.isfinite(metrics["loss"]))
@@ -261,7 +283,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 **metrics,
                 "grad_norm": grad_norm,
                 "lr": engine.lr,
-                "epoch": stream.epoch + stream.position / (stream.batches_per_epoch * t.micro_batch_size),
+                "epoch": read_to[0] + read_to[1] / (stream.batches_per_epoch * t.micro_batch_size),
                 "train/skipped_steps": state.skipped_steps,
                 "perf/samples_per_s": pairs / elapsed,
                 "perf/tokens_per_s": tokens / elapsed,
