@@ -122,3 +122,24 @@ def test_fused_pass_falls_back_to_the_separate_one_while_dropout_is_active(monke
     policy.config.attention_dropout = 0.1
     batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)
     assert calls == [1]  # dropout would make the two passes differ: the separate one runs
+
+
+def test_grad_pass_auto_is_fused_in_training_without_dropout_or_deepspeed():
+    from tidpo_cli.objective import fused_pass
+
+    cfg, policy, *_ = setup(["loss=tidpo"])
+    assert cfg.loss.importance.grad_pass == "auto"  # the default
+    policy.train()
+    assert fused_pass(policy, cfg.loss.importance)
+    with torch.no_grad():  # evaluation keeps no graph to take the gradient from
+        assert not fused_pass(policy, cfg.loss.importance)
+    separate = compose_config([*QUICK, "loss=tidpo", "loss.importance.grad_pass=separate"]).loss.importance
+    assert not fused_pass(policy, separate)
+
+    class DeepSpeedEngine(torch.nn.Module):  # stands in for deepspeed's engine: only its module name is read
+        pass
+
+    DeepSpeedEngine.__module__ = "deepspeed.runtime.engine"
+    engine = DeepSpeedEngine()
+    assert not fused_pass(engine, cfg.loss.importance)
+    assert fused_pass(engine, compose_config([*QUICK, "loss=tidpo", "loss.importance.grad_pass=fused"]).loss.importance)

@@ -110,7 +110,7 @@ class ImportanceConfig:
     normalize: str = key(one_of("sum", "softmax"))
     lam: float = key(closed(0.0, 1.0))
     sigma_div: float = key(above(0))
-    grad_pass: str = key(one_of("separate", "fused"))
+    grad_pass: str = key(one_of("auto", "separate", "fused"))
 
 
 @dataclass

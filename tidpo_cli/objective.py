@@ -55,6 +55,16 @@ def _forward(model, batch: Batch, embeds):
     return logits, logps, response_mask(batch["labels"]), embeds
 
 
+def fused_pass(policy, imp: DictConfig) -> bool:
+    """Whether the saliency comes from the loss's own forward (`loss.importance.grad_pass`): `fused`, or `auto`
+    outside DeepSpeed (whose backward hooks would fire on the saliency gradient); only while gradients are on
+    (not in evaluation) and no dropout is active, where it gives exactly the separate pass's weights."""
+    if imp.mode != "gradient" or not torch.is_grad_enabled() or dropout_active(policy):
+        return False
+    under_deepspeed = type(policy).__module__.startswith("deepspeed")
+    return imp.grad_pass == "fused" or (imp.grad_pass == "auto" and not under_deepspeed)
+
+
 def unpacked_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """[N, T, V] logits of `forward`, whatever the batch layout (a packed batch's are gathered: a copy)."""
     return unpack(logits, batch) if is_packed(batch) else logits
@@ -108,8 +118,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     if loss_cfg.name == "tidpo":
         span = response_mask(batch["labels"]) if loss_cfg.importance.span == "response" else batch["attention_mask"]
         imp = loss_cfg.importance
-        if (imp.mode == "gradient" and imp.grad_pass == "fused" and torch.is_grad_enabled()
-                and not dropout_active(policy)):
+        if fused_pass(policy, imp):
             # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
             # evaluation, whose forwards keep no graph.
             forwarded = forward_from_embeddings(policy, rows)
