@@ -30,6 +30,8 @@ def commands(block: str) -> list[list[str]]:
     out = []
     for line in text.splitlines():
         words = shlex.split(line.strip(), comments=True)
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+            words = words[1:]
         if words[:1] == ["tidpo"]:
             out.append(words)
         elif "tidpo_cli.cli" in words and words[0] in ("torchrun", "deepspeed", "srun"):
