@@ -32,7 +32,7 @@ def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
     """One forward over every row -> (logits, per-token log-probs [N, T], response mask [N, T]).
 
     The logits are [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt once) the packed
-    rows' [B, S, V]; `unpacked_logits` gives the [N, T, V] view where a loss needs whole distributions.
+    rows' [B, S, V]; `unpacked` gives the [N, T, V] view where a loss needs whole distributions.
     """
     return _forward(model, batch, embeds=None)[:3]
 
@@ -65,9 +65,10 @@ def fused_pass(policy, imp: DictConfig) -> bool:
     return imp.grad_pass == "fused" or (imp.grad_pass == "auto" and not under_deepspeed)
 
 
-def unpacked_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """[N, T, V] logits of `forward`, whatever the batch layout (a packed batch's are gathered: a copy)."""
-    return unpack(logits, batch) if is_packed(batch) else logits
+def unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-position values of a forward (logits [.., V], saliency) in the [N, T, ...] layout of the rows, whatever
+    the batch layout (a packed batch's are gathered: a copy)."""
+    return unpack(values, batch) if is_packed(batch) else values
 
 
 def target_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -123,7 +124,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             # evaluation, whose forwards keep no graph.
             forwarded = forward_from_embeddings(policy, rows)
             raw = saliency_from_forward(forwarded[3], target_logits(forwarded[0], rows)[pairs])
-            raw = _unpacked(raw, rows)[pairs, :width]
+            raw = unpacked(raw, rows)[pairs, :width]
             result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
                                  normalize=imp.normalize)
         elif imp.mode == "gradient" and is_packed(batch):
@@ -153,7 +154,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         chosen_rewards, rejected_rewards = loss_cfg.beta * margins[:half].detach(), loss_cfg.beta * margins[half:].detach()
     else:
         alpha = loss_cfg.alpha if loss_cfg.name in ("tdpo", "tidpo") else 0.0
-        kl = (token_kl(unpacked_logits(ref_logits, rows)[pairs], unpacked_logits(logits, rows)[pairs],
+        kl = (token_kl(unpacked(ref_logits, rows)[pairs], unpacked(logits, rows)[pairs],
                        rows["labels"][pairs]).sum(-1) if alpha else torch.zeros_like(margins))
         losses, chosen_rewards, rejected_rewards = tdpo_loss(
             margins[:half], margins[half:], kl[:half], kl[half:], beta=loss_cfg.beta, alpha=alpha,
@@ -187,10 +188,6 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         "logps/rejected": (logps[half:2 * half] * mask[half:2 * half]).sum().item(),
     }, count=half)
     return loss_sum, metrics
-
-
-def _unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return unpack(values, batch) if is_packed(batch) else values
 
 
 def _sft(policy, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
