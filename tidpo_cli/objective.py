@@ -40,7 +40,10 @@ def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
 def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
     """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings)."""
     ids = batch["packed_ids"] if is_packed(batch) else batch["input_ids"]
-    return _forward(model, batch, embeds=model.get_input_embeddings()(ids))
+    embeds = model.get_input_embeddings()(ids)
+    if not embeds.requires_grad:  # frozen embeddings (LoRA): the saliency still needs the gradient to them
+        embeds = embeds.detach().requires_grad_(True)
+    return _forward(model, batch, embeds=embeds)
 
 
 def _forward(model, batch: Batch, embeds):
