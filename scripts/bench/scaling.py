@@ -55,25 +55,20 @@ def fill_rows(raw: list[dict], n: int, n_tokens: Callable[[str], int], max_lengt
               bos: int = 1, eos: int = 1) -> tuple[list[dict], int]:
     """`n` pairs whose sequences are max_length long (see the module doc, "fill"); and how many were skipped."""
     dialogues = [r["chosen"] for r in raw if isinstance(r.get("chosen"), str)]
-    rows, skipped = [], 0
-    for i, raw_row in enumerate(raw):
+
+    def filled(i: int, raw_row: dict) -> dict | None:
         split = bench.split_hh(raw_row)
         if split is None or n_tokens(split[0]) < max_prompt_length - bos:
-            skipped += 1
-            continue
+            return None
         prompt, chosen, rejected = split
         room, tail, j = max_length - max_prompt_length, "", i + 1
         while n_tokens(tail) < room:
             tail += dialogues[j % len(dialogues)]
             j += 1
-        row = bench.fit_row(prompt, chosen + tail, rejected + tail, n_tokens, max_length, max_prompt_length, bos, eos)
-        if row is None:
-            skipped += 1
-            continue
-        rows.append(row)
-        if len(rows) == n:
-            break
-    return rows, skipped
+        return bench.fit_row(prompt, chosen + tail, rejected + tail, n_tokens, max_length, max_prompt_length, bos,
+                             eos)
+
+    return bench.first_rows(raw, n, filled)
 
 
 def checks(cells: list[dict], losses: list[str], tolerance: float) -> dict[str, Any]:

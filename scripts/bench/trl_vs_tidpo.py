@@ -240,10 +240,18 @@ def step_tokens(per_row: list[int], batch: int) -> list[int]:
 def select_rows(raw: Iterable[dict], n: int, n_tokens: Callable[[str], int], max_length: int,
                 max_prompt_length: int, bos: int = 1, eos: int = 1) -> tuple[list[dict], int]:
     """The first `n` usable HH pairs, fitted; and how many raw rows were skipped on the way."""
-    rows, skipped = [], 0
-    for raw_row in raw:
+    def fitted(_: int, raw_row: dict) -> dict | None:
         split = split_hh(raw_row)
-        row = fit_row(*split, n_tokens, max_length, max_prompt_length, bos, eos) if split else None
+        return fit_row(*split, n_tokens, max_length, max_prompt_length, bos, eos) if split else None
+
+    return first_rows(raw, n, fitted)
+
+
+def first_rows(raw: Iterable[dict], n: int, make_row: Callable[[int, dict], dict | None]) -> tuple[list[dict], int]:
+    """The first `n` rows that `make_row(index, raw_row)` makes (None: unusable); and how many were skipped."""
+    rows, skipped = [], 0
+    for index, raw_row in enumerate(raw):
+        row = make_row(index, raw_row)
         if row is None:
             skipped += 1
             continue
