@@ -16,13 +16,12 @@ from helpers import compose_config, run_tidpo
 from tidpo_cli.distributed import deepspeed_config, first_host, launch_env, read_engine_weights
 from tidpo_cli.errors import UserError
 
-# 5 steps of 8 pairs: one process takes 2 micro-batches of 4, two processes take one each.
-# Under DeepSpeed the importance gradient takes the separate pass (grad_pass=auto); the one-process runs they are
-# compared with take it too, so that only the distribution differs (fused and separate agree to float rounding,
-# which five steps can grow past the tolerance below).
+# 5 steps of 8 pairs: one process takes 2 micro-batches of 4, two processes take one each. The importance gradient
+# takes the fused pass (grad_pass=auto) in both, and under ZeRO-3 the anchors are sampled with the weights gathered
+# (zero3_weights=auto, which fits here); test_zero3_separate_pass_and_per_layer_sampling covers the other paths.
 BASE = ["data.synthetic.num_train=96", "data.eval_size=16", "trainer.micro_batch_size=4", "trainer.eval_batch_size=8",
         "trainer.schedule=constant", "trainer.warmup_steps=1", "trainer.save_every=5", "logger.progress=off",
-        "loss.anchor.max_new_tokens=6", "loss.importance.grad_pass=separate"]
+        "loss.anchor.max_new_tokens=6"]
 # ZeRO-3 keeps tensors below the persistence threshold whole on every rank, which is every tensor of the tiny
 # model: 0 partitions them all, so the gathers, the synced generation and the sharded reference are exercised.
 ZERO = {"zero2": ["deepspeed=zero2"],
@@ -77,7 +76,26 @@ def test_two_processes_match_one_process(single, tmp_path, loss, zero):
     assert evals[-1]["eval/loss"] == pytest.approx(rows(single[loss])[-1]["eval/loss"], abs=1e-4)
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"2 processes, DeepSpeed ZeRO-{zero[-1]}" in log
+    assert ("weights gathered once per generation" in log) == (loss == "tidpo" and zero == "zero3")
     assert log.count("held-out rewards/accuracies") == 1  # rank 0 speaks; rank 1 stays quiet
+
+
+def test_zero3_separate_pass_and_per_layer_sampling(single, tmp_path):
+    """The other two ZeRO-3 paths of a TI-DPO step: the importance from its own forward and backward
+    (grad_pass=separate) and anchors sampled with every forward gathering each layer, the processes stepping
+    generation together (zero3_weights=per_layer). Same anchors and, at the first step (same weights), the fused
+    pass's weights and update to float rounding; the two passes then drift by rounding only."""
+    result = torchrun(["loss=tidpo", *BASE, *ZERO["zero3"], "trainer.max_steps=2", "trainer.grad_accum=1",
+                       "loss.importance.grad_pass=separate", "loss.anchor.zero3_weights=per_layer",
+                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = train_rows(tmp_path / "run"), train_rows(single["tidpo"])
+    for name in COMPARED:
+        assert got[0][name] == pytest.approx(want[0][name], abs=1e-5), name
+    assert got[1]["anchor/length"] == want[1]["anchor/length"]
+    assert got[1]["loss"] == pytest.approx(want[1]["loss"], abs=1e-4)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "gathered per layer" in log and "gathered once" not in log
 
 
 def test_zero3_resume_continues_exactly_and_final_is_the_gathered_model(tmp_path):
@@ -150,10 +168,8 @@ def test_distributed_config_mistakes(tmp_path):
         compose_config(["deepspeed=zero3", "model.lora.enabled=true"])
     with pytest.raises(UserError, match="stage"):
         compose_config(["deepspeed=zero2", "deepspeed.zero_optimization.stage=4"])
-    # Measured: with the fused importance pass DeepSpeed's backward hooks fire on the importance gradient and
-    # the updates drift from one process's; refused until that is solved.
-    with pytest.raises(UserError, match="grad_pass=separate"):
-        compose_config(["deepspeed=zero2", "loss.importance.grad_pass=fused"])
+    with pytest.raises(UserError, match="zero3_weights"):
+        compose_config(["deepspeed=zero3", "loss.anchor.zero3_weights=some"])
     # Several processes without a shared run id: told to name the run directory, before anything runs.
     result = run_tidpo(["train"], cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_RUN_ID": "none"})
     assert result.returncode == 2 and "hydra.run.dir" in result.stderr

@@ -124,7 +124,7 @@ def test_fused_pass_falls_back_to_the_separate_one_while_dropout_is_active(monke
     assert calls == [1]  # dropout would make the two passes differ: the separate one runs
 
 
-def test_grad_pass_auto_is_fused_in_training_without_dropout_or_deepspeed():
+def test_grad_pass_auto_is_fused_in_training_without_dropout():
     from tidpo_cli.objective import fused_pass
 
     cfg, policy, *_ = setup(["loss=tidpo"])
@@ -136,10 +136,31 @@ def test_grad_pass_auto_is_fused_in_training_without_dropout_or_deepspeed():
     separate = compose_config([*QUICK, "loss=tidpo", "loss.importance.grad_pass=separate"]).loss.importance
     assert not fused_pass(policy, separate)
 
-    class DeepSpeedEngine(torch.nn.Module):  # stands in for deepspeed's engine: only its module name is read
-        pass
 
-    DeepSpeedEngine.__module__ = "deepspeed.runtime.engine"
-    engine = DeepSpeedEngine()
-    assert not fused_pass(engine, cfg.loss.importance)
-    assert fused_pass(engine, compose_config([*QUICK, "loss=tidpo", "loss.importance.grad_pass=fused"]).loss.importance)
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_saliency_gradient_never_flows_through_the_forward_outputs(packed):
+    """A DeepSpeed engine hooks the tensors its forward returns and takes any gradient through them for the start
+    of its training backward (scaling it, then reducing gradients when it ends). The fused pass must take its
+    saliency gradient around them: here the logits of every policy forward carry such a hook, which may fire once
+    per forward, in the training backward, and not in the saliency's."""
+    from tidpo_cli.packing import pack_pairs
+
+    cfg, policy, reference, batch, ids = setup(["loss=tidpo_no_triplet", "loss.importance.grad_pass=fused"])
+    if packed:
+        batch = {**batch, **pack_pairs(batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], ids.pad)}
+    policy.train()
+    fired, forwards = [], []
+
+    def hook_outputs(module, args, kwargs, output):
+        forwards.append(1)
+        output.logits.register_hook(lambda grad: fired.append(torch.is_grad_enabled()))
+
+    handle = policy.register_forward_hook(hook_outputs, with_kwargs=True)
+    try:
+        loss, metrics = batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)
+        assert fired == []  # the saliency gradient is taken already, and went around the logits
+        loss.backward()
+    finally:
+        handle.remove()
+    assert len(forwards) == 1 and len(fired) == 1  # one policy forward, one backward through its outputs
+    assert metrics.means()["importance/max"] > 1  # real gradient weights, not the uniform fallback

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from .distributed import generation_model
 from .losses import IGNORE_INDEX
 from .packing import pack_pairs
 
@@ -44,21 +45,20 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int) -> list[torch.Tensor]:
+             temperature: float, top_k: int, top_p: float, seed: int, zero3_weights: str = "auto") -> list[torch.Tensor]:
     """Sample one continuation per context with the KV cache; each ends at its first EOS (kept) or
     after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible:
-    the sampling RNG is seeded from `seed` without disturbing the global RNG."""
+    the sampling RNG is seeded from `seed` without disturbing the global RNG. Under ZeRO-3 `zero3_weights`
+    says how the partitioned weights are had (distributed.generation_model)."""
     ids, mask = left_pad(contexts, pad_id)
     was_training = model.training
     model.eval()
     devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
-    # Several processes step generation together until every one is done: under ZeRO-3 each forward gathers
-    # the partitioned weights from all ranks, so a rank that stopped early would leave the others waiting.
-    synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     try:
-        with torch.random.fork_rng(devices=devices):
+        with generation_model(model, zero3_weights, rows=len(contexts), length=ids.shape[1] + max_new_tokens) \
+                as (sampler, synced), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = model.generate(
+            out = sampler.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
                 top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                 use_cache=True, synced_gpus=synced,
@@ -90,7 +90,7 @@ def sample_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_i
     sampled = iter(generate(model, flat, pad_id=pad_id, eos_id=eos_id,
                             max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
                             temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
-                            seed=seed))
+                            seed=seed, zero3_weights=anchor_cfg.zero3_weights))
     return [_collate_anchors([torch.cat([c, next(sampled)]) for c in per_batch],
                              [int(n) for n in b["prompt_lengths"][:len(per_batch)]], pad_id, b["input_ids"].device)
             for b, per_batch in zip(batches, contexts)]

@@ -71,7 +71,7 @@ class ModelConfig:
     tokenizer: Optional[str] = key()
     config: Optional[Dict[str, Any]] = key()
     dtype: str = key(one_of("float32", "bfloat16", "float16"))
-    attn_implementation: str = key(one_of("eager", "sdpa", "flash_attention_2"))
+    attn_implementation: str = key(one_of("eager", "sdpa", "flex_attention", "flash_attention_2"))
     trust_remote_code: bool = key()
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -127,6 +127,7 @@ class AnchorConfig:
     top_p: float = key(closed(0.0, 1.0))
     prefix_fraction: float = key(in_range(0.0, 1.0))
     refresh_every: int = key(above(0))
+    zero3_weights: str = key(one_of("auto", "gathered", "per_layer"))
 
 
 @dataclass
@@ -277,10 +278,6 @@ def _check_relations(cfg: DictConfig) -> None:
     if ds.enabled and ds.zero_optimization.get("stage") == 3 and cfg.model.lora.enabled:
         raise ConfigError("model.lora with deepspeed=zero3 is not supported yet: use deepspeed=zero2 (LoRA's "
                           "trainable weights are small, and ZeRO-2 partitions their optimizer state and gradients)")
-    if ds.enabled and loss.importance.grad_pass == "fused":
-        raise ConfigError("loss.importance.grad_pass=fused does not work under DeepSpeed yet (its backward hooks fire "
-                          "on the importance gradient too, and the update comes out wrong): use "
-                          "loss.importance.grad_pass=separate, or deepspeed=none")
     if cfg.model.name_or_path is None and cfg.model.config is None:
         raise ConfigError("model.name_or_path or model.config must be set (a model to load or one to build)")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:

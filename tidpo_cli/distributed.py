@@ -10,9 +10,11 @@ agree on with the loop (batch, accumulation, clipping, precision, optimizer, sch
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 from .tracking import MetricSums
+
+log = logging.getLogger("tidpo")
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,102 @@ def shard_reference(reference, cfg: DictConfig, dist: Dist):
                                       dist_init_required=False)
     engine.module.eval()
     return engine.module
+
+
+# Of the memory free on the device, the share that the gathered weights and the generation's KV cache may take
+# under `loss.anchor.zero3_weights=auto`; the rest is headroom for the sampling's activations and the allocator.
+GATHER_SHARE = 0.5
+
+
+def zero3_engine(model) -> bool:
+    """Whether `model` is a DeepSpeed engine whose weights ZeRO-3 partitions."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    return callable(stage) and stage() == 3
+
+
+def generation_bytes(model, rows: int, length: int) -> int:
+    """What generating `rows` sequences of `length` tokens with the weights gathered adds: the whole model in its
+    working dtype (every rank holds it at once) and the KV cache (2 x layers x rows x length x kv heads x head dim)."""
+    params = list(model.parameters())
+    weights = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+    config = model.module.config if hasattr(model, "module") else model.config
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = 2 * text.num_hidden_layers * rows * length * heads * head_dim * params[0].element_size()
+    return weights + cache
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def gather_for_generation(model, setting: str, rows: int, length: int) -> bool:
+    """Whether to gather a ZeRO-3 model's weights once for a whole generation (`loss.anchor.zero3_weights`):
+    `gathered`, `per_layer` (every forward gathers each layer's weights, as in training), or `auto`: gathered when
+    `generation_bytes` fits in GATHER_SHARE of the memory free on every rank (the ranks agree: a gather is a
+    collective)."""
+    if setting != "auto":
+        return setting == "gathered"
+    device = next(model.parameters()).device
+    fits = generation_bytes(model, rows, length) <= GATHER_SHARE * free_bytes(device)
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if fits else 1.0], device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        fits = flag.item() == 0
+    return fits
+
+
+@contextmanager
+def generation_model(model, zero3_weights: str = "auto", rows: int = 1, length: int = 1):
+    """(what to call `generate` on, whether the processes must step generation together: HF's `synced_gpus`).
+
+    Outside ZeRO-3 each process holds every weight and samples on its own. Under ZeRO-3 either the weights are
+    gathered once for the whole generation and the engine's hooks set aside meanwhile (DeepSpeed's
+    `unwrap_model_for_generation`, TRL's approach too), so each process again samples on its own; or every forward
+    gathers each layer from every rank, and a process that finished early must keep stepping until all have."""
+    if not zero3_engine(model):
+        yield model, False
+        return
+    gathered = gather_for_generation(model, zero3_weights, rows, length)
+    if getattr(model, "_tidpo_gathered", None) != gathered:  # said at the first generation and at each change
+        model._tidpo_gathered = gathered
+        log.info("anchors under ZeRO-3 (loss.anchor.zero3_weights=%s): %s", zero3_weights,
+                 f"weights gathered once per generation ({generation_bytes(model, rows, length) / 2**20:.1f} MB "
+                 "with the KV cache)" if gathered else "each layer gathered per layer for every generated token, "
+                 "processes stepping together")
+    if not gathered:
+        yield model, torch.distributed.get_world_size() > 1
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(model) as unwrapped:
+        yield unwrapped, False
+
+
+# What ZeRO-3's module hooks count per forward and use up in the backward (deepspeed/runtime/zero/parameter_offload.py):
+# a module's parameters are gathered before its backward while `applied_pre_backward_ref_cnt` > 0 and released after
+# it when `ds_grads_remaining` reaches 0.
+ZERO3_BACKWARD_COUNTS = ("applied_pre_backward_ref_cnt", "ds_grads_remaining")
+
+
+@contextmanager
+def extra_backward(model: torch.nn.Module):
+    """Lets a backward run through the graph of a forward without using up that forward's ZeRO-3 backward hooks.
+
+    ZeRO-3 counts one backward for each forward of a module; a first backward through the graph (the fused
+    importance pass's gradient to the input embeddings, `retain_graph=True`) consumes the counts, and the training
+    backward that follows would then find the weights of every layer not gathered. The counts as the forward left
+    them are put back on leaving, so the training backward gathers and releases each layer as usual. Each gather of
+    the extra backward is released at its end. A no-op for any other model (the attributes are absent)."""
+    saved = [(m, {k: m.__dict__[k] for k in ZERO3_BACKWARD_COUNTS if k in m.__dict__}) for m in model.modules()]
+    yield
+    for module, counts in saved:
+        module.__dict__.update(counts)
 
 
 def read_engine_weights(checkpoint: Path) -> dict[str, torch.Tensor] | None:

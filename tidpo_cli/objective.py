@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from .anchors import anchor_batch, attached_anchors, with_anchors
+from .distributed import extra_backward
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
 from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
@@ -38,12 +39,18 @@ def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
 
 
 def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
-    """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings)."""
+    """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings,
+    final hidden states [rows, positions, hidden]: what the output layer was given, for `saliency_targets`)."""
     ids = batch["packed_ids"] if is_packed(batch) else batch["input_ids"]
     embeds = model.get_input_embeddings()(ids)
     if not embeds.requires_grad:  # frozen embeddings (LoRA): the saliency still needs the gradient to them
         embeds = embeds.detach().requires_grad_(True)
-    return _forward(model, batch, embeds=embeds)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        return (*_forward(model, batch, embeds=embeds), seen[-1])
+    finally:
+        hook.remove()
 
 
 def _forward(model, batch: Batch, embeds):
@@ -59,13 +66,12 @@ def _forward(model, batch: Batch, embeds):
 
 
 def fused_pass(policy, imp: DictConfig) -> bool:
-    """Whether the saliency comes from the loss's own forward (`loss.importance.grad_pass`): `fused`, or `auto`
-    outside DeepSpeed (whose backward hooks would fire on the saliency gradient); only while gradients are on
-    (not in evaluation) and no dropout is active, where it gives exactly the separate pass's weights."""
+    """Whether the saliency comes from the loss's own forward (`loss.importance.grad_pass`: `fused`, or `auto`);
+    only while gradients are on (not in evaluation) and no dropout is active, where it gives exactly the separate
+    pass's weights."""
     if imp.mode != "gradient" or not torch.is_grad_enabled() or dropout_active(policy):
         return False
-    under_deepspeed = type(policy).__module__.startswith("deepspeed")
-    return imp.grad_pass == "fused" or (imp.grad_pass == "auto" and not under_deepspeed)
+    return imp.grad_pass in ("fused", "auto")
 
 
 def unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -74,12 +80,19 @@ def unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return unpack(values, batch) if is_packed(batch) else values
 
 
-def target_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """[N, V]: each row's logits at its last token, the saliency target (importance.gradient_saliency)."""
+def saliency_targets(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> torch.Tensor:
+    """[N, V]: the logits at the last token of the unpacked rows `rows`, the saliency target
+    (importance.gradient_saliency), computed anew from the final hidden states of a forward.
+
+    Not read off that forward's logits: a DeepSpeed engine hooks its forward's outputs, and any gradient through
+    them (this one too) would start its training backward (gradient scaling, reduction). The output layer on these
+    positions alone is what the separate pass computes as well."""
     if is_packed(batch):
-        return logits[last_positions_packed(batch)]
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, last_positions(batch["attention_mask"])]
+        where = tuple(index[rows] for index in last_positions_packed(batch))
+    else:
+        where = (torch.arange(hidden.shape[0], device=hidden.device)[rows],
+                 last_positions(batch["attention_mask"])[rows])
+    return model.get_output_embeddings()(hidden[where])
 
 
 def chosen_rows(batch: Batch) -> Batch:
@@ -126,7 +139,8 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
             # evaluation, whose forwards keep no graph.
             forwarded = forward_from_embeddings(policy, rows)
-            raw = saliency_from_forward(forwarded[3], target_logits(forwarded[0], rows)[pairs])
+            with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
+                raw = saliency_from_forward(forwarded[3], saliency_targets(policy, forwarded[4], rows, pairs))
             raw = unpacked(raw, rows)[pairs, :width]
             result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
                                  normalize=imp.normalize)
