@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tidpo-installed
 
-.PHONY: demo test install clean bench bench-scaling experiment
+.PHONY: demo test install clean bench bench-scaling bench-distributed experiment
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ bench: $(STAMP)
 # Step time of loss=dpo and loss=tidpo over max_length x batch, writing bench-scaling.json (no TRL needed).
 bench-scaling: $(STAMP)
 	$(BIN)/python scripts/bench/scaling.py
+
+# Step time of loss=dpo, tidpo_no_triplet and tidpo in one process and in 2 processes under DeepSpeed ZeRO-2 and
+# ZeRO-3 (torchrun, gloo, on the CPU), writing bench-distributed.json. BENCH_REPEATS=3 runs every cell 3 times.
+bench-distributed: $(STAMP)
+	$(BIN)/python scripts/bench/distributed.py
 
 # The label-noise and ablation study (issue 7; docs/results/noise_robustness.md): about 40 minutes on 2 CPU cores,
 # resumable (run it again after an interruption). Writes runs/noise_robustness/ and docs/results/noise_robustness.*

@@ -1,4 +1,5 @@
-"""The benchmark driver's pure parts (scripts/bench/): medians, ratios, targets, row fitting and token counting.
+"""The benchmark driver's pure parts (scripts/bench/): medians, ratios, targets, row fitting and token counting;
+and those of distributed.py (commands, ratios, checks, table).
 
 No timing is tested here and nothing is trained; only the DPOConfig test needs TRL (the `bench` extra).
 """
@@ -6,6 +7,7 @@ No timing is tested here and nothing is trained; only the DPOConfig test needs T
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -14,11 +16,12 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 
 
-def _load(name: str):
+def _load(name: str, file: str | None = None):
+    """scripts/bench/<file or name>.py as the module `name` (distributed.py as bench_distributed: no shadowing)."""
     if name in sys.modules:
         return sys.modules[name]
     sys.path.insert(0, str(BENCH))  # scaling.py imports trl_vs_tidpo by name
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{file or name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
@@ -27,6 +30,7 @@ def _load(name: str):
 
 bench = _load("trl_vs_tidpo")
 scaling = _load("scaling")
+dist = _load("bench_distributed", "distributed")
 
 
 def n_bytes(text: str) -> int:  # the byte-level tokenizer's count, without BOS / EOS
@@ -167,3 +171,110 @@ def test_dpo_config_kwargs_accepted_by_installed_trl():
     args = trl.DPOConfig(**bench.dpo_config_kwargs(spec, {f.name for f in dataclasses.fields(trl.DPOConfig)}))
     assert (args.bf16, args.gradient_checkpointing, args.max_length, args.beta) == (False, False, 512, 0.1)
     assert list(args.loss_type) == ["sigmoid"] and args.per_device_train_batch_size == 8
+
+
+def _distributed_settings(**env: str):
+    return bench.Settings.from_env({"BENCH_STEPS": "8", "BENCH_WARMUP": "2", **env}, steps=8, warmup=2,
+                                   model=dict(dist.MODEL_CONFIG))
+
+
+def test_distributed_commands():
+    from helpers import compose_config
+
+    s = _distributed_settings(BENCH_TIDPO_ARGS="loss.anchor.max_new_tokens=6")
+    argv, threads = dist.command("single", "tidpo", s, Path("/w/runs/single-tidpo"), python="py")
+    assert argv[:4] == ["py", "-m", "tidpo_cli.cli", "train"] and threads == 2
+    assert argv[-1] == "loss.anchor.max_new_tokens=6" and "hydra.run.dir=/w/runs/single-tidpo" in argv
+    for want in ("loss=tidpo", "deepspeed=none", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
+                 "trainer.max_steps=8", "++model.config.hidden_size=256", "trainer.save_final=false",
+                 "trainer.share_prompt=true"):
+        assert want in argv, want
+    argv, threads = dist.command("zero3", "dpo", s, Path("/w/r"), python="py")
+    assert argv[:9] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "tidpo_cli.cli", "train"] and threads == 1
+    assert dist.shell(argv, threads).startswith("OMP_NUM_THREADS=1 py -m torch.distributed.run --standalone")
+    # the 2-process runs: one micro-batch of 4 each, so a step holds 8 pairs as in one process
+    cfg = compose_config([a for a in argv[9:] if not a.startswith("hydra.")])
+    assert (cfg.loss.name, cfg.trainer.micro_batch_size, cfg.trainer.grad_accum) == ("dpo", 4, 1)
+    assert cfg.deepspeed.zero_optimization.stage == 3
+    assert cfg.deepspeed.zero_optimization.stage3_param_persistence_threshold == 0
+    assert (cfg.model.config.hidden_size, cfg.model.config.intermediate_size, cfg.model.config.num_hidden_layers,
+            cfg.data.eval_size, cfg.trainer.eval_before, cfg.trainer.save_every) == (256, 688, 4, 0, False, 0)
+    assert dist.model_overrides({"tie_word_embeddings": False, "hidden_act": "silu"}) == [
+        "++model.config.tie_word_embeddings=false", "++model.config.hidden_act=silu"]
+    with pytest.raises(SystemExit):
+        dist.command("zero2", "dpo", _distributed_settings(BENCH_BATCH="7"), Path("/w/r"))
+
+
+def test_distributed_step_times_and_medians():
+    rows = [{"perf/samples_per_s": 4.0}, {"eval/loss": 0.7}, {"perf/samples_per_s": 16.0}]
+    assert dist.step_times(rows, 8) == [2.0, 0.5]
+    # the median of steps 3-8: 1.0, 1.4, 1.2, 1.6, 1.1, 1.3 -> (1.2 + 1.3) / 2
+    assert bench.summarize([9.0, 9.0, 1.0, 1.4, 1.2, 1.6, 1.1, 1.3], 8, [1] * 8, 2)["step_s"] == pytest.approx(1.25)
+    # a cell: the median of its runs, failed ones left out
+    assert dist.cell_step([{"step_s": 3.0}, {"error": "exit 1"}, {"step_s": 1.0}, {"step_s": 2.0}]) == 2.0
+    assert dist.cell_step([{"error": "exit 1"}]) is None
+    line = ("[2026-12-01 10:14:56,548][INFO] model: tiny Llama (random init), 3.30M parameters (3.30M trainable), "
+            "on cpu, 2 processes, DeepSpeed ZeRO-3")
+    assert dist.parameters(line) == pytest.approx(3.30)
+    assert dist.parameters("pairs: 4096 train") is None
+
+
+def test_distributed_ratios_checks_and_table():
+    steps = {"single": {"dpo": 2.0, "tidpo_no_triplet": 2.5, "tidpo": 3.6},
+             "zero2": {"dpo": 1.0, "tidpo_no_triplet": 1.3, "tidpo": 2.2},
+             "zero3": {"dpo": 4.0, "tidpo_no_triplet": None, "tidpo": 7.2}}
+    r = dist.ratios(steps)
+    assert r["single"] == pytest.approx({"tidpo_no_triplet": 1.25, "tidpo": 1.8})
+    assert r["zero2"] == pytest.approx({"tidpo_no_triplet": 1.3, "tidpo": 2.2})
+    assert r["zero3"]["tidpo_no_triplet"] is None and r["zero3"]["tidpo"] == pytest.approx(1.8)
+
+    c = dist.checks(r)
+    verdicts = {k: (None if v["value"] is None else round(v["value"], 4), v["pass"]) for k, v in c.items()}
+    assert verdicts == {
+        "zero2: tidpo_no_triplet/dpo within 1.15x of one process's": (1.04, True),   # 1.3 / 1.25
+        "zero2: tidpo_no_triplet step <= 1.35 x dpo": (1.3, True),
+        "zero2: tidpo/dpo within 1.15x of one process's": (1.2222, False),           # 2.2 / 1.8
+        "zero2: tidpo step <= 2.0 x dpo": (2.2, False),
+        "zero3: tidpo_no_triplet/dpo within 1.15x of one process's": (None, None),   # the run failed
+        "zero3: tidpo_no_triplet step <= 1.35 x dpo": (None, None),
+        "zero3: tidpo/dpo within 1.15x of one process's": (1.0, True),
+        "zero3: tidpo step <= 2.0 x dpo": (1.8, True),
+    }
+    # "within" holds both ways: a distributed ratio 0.8x one process's (below 1 / 1.15 = 0.87) fails too
+    low = dist.checks({"single": {"tidpo": 2.0}, "zero2": {"tidpo": 1.6}})
+    assert low["zero2: tidpo/dpo within 1.15x of one process's"]["pass"] is False
+    assert low["zero2: tidpo step <= 2.0 x dpo"]["pass"] is True
+
+    def cell(step, *runs):
+        return {"step_s": step, "runs": [{"step_s": x} if x else {"error": "exit 1"} for x in runs]}
+    cells = {"single": {"dpo": cell(2.0, 2.0, 2.1)},
+             "zero2": {"dpo": cell(1.0, 1.0, 1.0), "tidpo": cell(2.2, 2.1, 2.3)},
+             "zero3": {"tidpo_no_triplet": cell(None, None, None)}}
+    table = dist.markdown(cells, r, c)
+    assert "| setting | `loss=` | step (s) | vs `dpo` | run 1 (s) | run 2 (s) |" in table
+    assert "| single | `dpo` | 2.000 | 1.000 | 2.000 | 2.100 |" in table
+    assert "| zero2 | `tidpo` | 2.200 | 2.200 | 2.100 | 2.300 |" in table
+    assert "| zero3 | `tidpo_no_triplet` | failed | - | failed | failed |" in table
+    assert "| zero2: tidpo step <= 2.0 x dpo | 2.200 | <= 2.0 | NO |" in table
+    assert "| zero3: tidpo step <= 2.0 x dpo | 1.800 | <= 2.0 | yes |" in table
+
+
+def test_distributed_same_batches():
+    cells = {"single": {"dpo": {"runs": [{"error": "exit 1"}, {"tokens_per_step_logged": [10, 12]}]}},
+             "zero2": {"dpo": {"runs": [{"tokens_per_step_logged": [10, 12]}, {"tokens_per_step_logged": [10, 13]},
+                                        {"error": "exit 1"}]}}}
+    assert dist.same_work(cells) == {"zero2-dpo run 1": True, "zero2-dpo run 2": False, "zero2-dpo run 3": None}
+    assert dist.same_work({"zero3": cells["zero2"]}) == {f"zero3-dpo run {i}": None for i in (1, 2, 3)}
+
+
+def test_finish_writes_the_json_and_keeps_the_work_dir_only_when_asked_or_failed(tmp_path, capsys):
+    out, work = tmp_path / "out.json", tmp_path / "work"
+    work.mkdir()
+    assert bench.finish("x", out, {"a": 1}, "| table |", work, keep=False, failed=False) == 0
+    assert json.loads(out.read_text()) == {"a": 1} and not work.exists()
+    assert "| table |" in capsys.readouterr().out
+    work.mkdir()
+    assert bench.finish("x", out, {}, "", work, keep=False, failed=True) == 1 and work.is_dir()
+    assert bench.finish("x", out, {}, "", work, keep=True, failed=False) == 0 and work.is_dir()
+    assert "[x] kept the work dir" in capsys.readouterr().out

@@ -33,9 +33,7 @@ Every cell runs a full child process; at the default grid that is 24 runs, the 1
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -168,17 +166,10 @@ def main() -> int:
                 "losses": losses, "rows": mode, "wall_s": time.perf_counter() - started}
     settings.update(max_length=lengths, max_prompt_length=[x // 2 for x in lengths], batch=batches)
     doc = {"settings": settings, "cells": cells, "checks": checks(cells, losses, tolerance)}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print("\n" + markdown(cells, losses) + "\n", flush=True)
-    for name, c in doc["checks"].items():
-        print(f"[scaling] {name}: {'-' if c['pass'] is None else ('pass' if c['pass'] else 'FAIL')}", flush=True)
-    print(f"[scaling] wrote {out}", flush=True)
-    failed = [r for c in cells for r in c["runs"].values() if "error" in r]
-    if failed or keep:
-        print(f"[scaling] kept the work dir {work} (logs, runs)", flush=True)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+    verdicts = [f"[scaling] {name}: {'-' if c['pass'] is None else ('pass' if c['pass'] else 'FAIL')}"
+                for name, c in doc["checks"].items()]
+    failed = any("error" in r for c in cells for r in c["runs"].values())
+    return bench.finish("scaling", out, doc, "\n".join([markdown(cells, losses), "", *verdicts]), work, keep, failed)
 
 
 if __name__ == "__main__":

@@ -597,6 +597,18 @@ def out_path(default: str) -> Path:
     return Path(os.environ["BENCH_OUT"]).resolve() if os.environ.get("BENCH_OUT") else ROOT / default
 
 
+def finish(tag: str, out: Path, doc: dict, report: str, work: Path, keep: bool, failed: bool) -> int:
+    """Write the JSON, print the report, keep the work dir (when asked, or a run failed) or remove it; the exit
+    status (1: a run failed)."""
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print("\n" + report + f"\n\n[{tag}] wrote {out}", flush=True)
+    if failed or keep:
+        print(f"[{tag}] kept the work dir {work} (logs, runs)", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The driver
 
@@ -632,15 +644,8 @@ def main() -> int:
                                       "completion together from the right)",
                         "sampler": "sequential", "gradient_checkpointing": False, "bf16": False}}
     doc = {"settings": settings, **results, "ratios": ratio, "targets": target}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    table = markdown(results, ratio, target)
-    print("\n" + table + f"\n\n[bench] wrote {out}", flush=True)
-    failed = [k for k, r in results.items() if "error" in r]
-    if failed or keep:
-        print(f"[bench] kept the work dir {work} (logs, runs)", flush=True)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+    failed = any("error" in r for r in results.values())
+    return finish("bench", out, doc, markdown(results, ratio, target), work, keep, failed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
