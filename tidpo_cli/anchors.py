@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .distributed import generation_model
+from .distributed import generation_model, zero3_engine
 from .losses import IGNORE_INDEX
 from .packing import pack_pairs
 
@@ -43,30 +44,102 @@ def left_pad(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+# `loss.anchor.compile`. HF compiles only the decode step (its `_prefill` runs eager), and that step's shapes are the
+# rows and the static KV cache's length (the mask it gets is [rows, 1, 1, cache length]), so those two are bucketed,
+# not the prompt's width. Rows: powers of two, since decoding is latency-bound (a few more rows cost next to nothing)
+# while every new shape is a compile (40 s for a 2-layer toy on 2 CPU cores). Cache length: multiples of 64, since the
+# decode step attends over the whole static cache for every token, so its excess is paid per token; HF never
+# shrinks that cache (`_previous_max_cache_length`), so only a bucket above the largest so far compiles anew.
+# `max_new_tokens` is no shape (only how many steps run), so it may vary.
+CACHE_BUCKET = 64
+
+
+def compiled_sampling(setting, device: torch.device) -> bool:
+    """`loss.anchor.compile`: auto is on on CUDA devices only, where eager sampling leaves the device idle; a CPU
+    is busy with the work itself and pays tens of seconds for each compile."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def row_bucket(rows: int) -> int:
+    return 1 << (rows - 1).bit_length()
+
+
+class StepSeeds(LogitsProcessor):
+    """Re-seeds the sampling RNG before each token's draw, from a stream of seeds that `seed` starts.
+
+    HF draws a step's tokens with one `torch.multinomial` over the batch, which fills a rows x vocab tensor from the
+    RNG in order (an exponential per entry): a row's draw depends only on the rows before it, but how far the RNG
+    advances depends on all of them, and with it every later step's draws. Re-seeded every step, a row's samples do
+    not depend on the rows after it: the dummy rows of a compiled shape leave the real rows' samples as they are."""
+
+    def __init__(self, seed: int):
+        self.seeds = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids, scores):
+        torch.manual_seed(int(torch.randint(2**62, (), generator=self.seeds)))
+        return scores
+
+
+class DummyRowsDone(StoppingCriteria):
+    """Marks the rows from `real` on finished from their first token, so the dummy rows never prolong generation."""
+
+    def __init__(self, real: int):
+        self.real = real
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.real:] = True
+        return done
+
+
+def static_cache(length: int, real: int) -> dict:
+    """`generate`'s options for HF's compiled decoding: a static KV cache of `length` tokens rounded up to a bucket,
+    the decode step compiled on any device (HF by itself compiles only on accelerators), the dummy rows stopped."""
+    config = CompileConfig()
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "max_cache_len": -(-length // CACHE_BUCKET) * CACHE_BUCKET,
+            "compile_config": config, "stopping_criteria": StoppingCriteriaList([DummyRowsDone(real)])}
+
+
+def per_layer_gathering(model) -> bool:
+    """Whether `generation_model` kept ZeRO-3's per-layer gathers for this generation (it notes its choice on the
+    engine): their hooks fetch weights inside every forward, which a compiled decode step cannot hold."""
+    return zero3_engine(model) and not getattr(model, "_tidpo_gathered", False)
+
+
 @torch.no_grad()
 def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int, zero3_weights: str = "auto") -> list[torch.Tensor]:
+             temperature: float, top_k: int, top_p: float, seed: int, zero3_weights: str = "auto",
+             compile: bool = False) -> list[torch.Tensor]:
     """Sample one continuation per context with the KV cache; each ends at its first EOS (kept) or
     after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible:
-    the sampling RNG is seeded from `seed` without disturbing the global RNG. Under ZeRO-3 `zero3_weights`
-    says how the partitioned weights are had (distributed.generation_model)."""
-    ids, mask = left_pad(contexts, pad_id)
+    the sampling RNG is seeded from `seed` (every token, `StepSeeds`) without disturbing the global RNG. Under
+    ZeRO-3 `zero3_weights` says how the partitioned weights are had (distributed.generation_model).
+
+    `compile`: HF's static KV cache and compiled decode step, the rows padded with dummy rows to a bucket; the
+    same samples as without, up to the compiled kernels' rounding. Eager under ZeRO-3's per-layer gathering."""
+    real = len(contexts)
+    rows = row_bucket(real) if compile else real
+    length = max(len(c) for c in contexts) + max_new_tokens
+    device = contexts[0].device
     was_training = model.training
     model.eval()
-    devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
+    devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with generation_model(model, zero3_weights, rows=len(contexts), length=ids.shape[1] + max_new_tokens) \
-                as (sampler, synced), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with generation_model(model, zero3_weights, rows=rows, length=length) as (sampler, synced), \
+                torch.random.fork_rng(devices=devices):
+            compiled = compile and not per_layer_gathering(model)
+            ids, mask = left_pad(contexts + contexts[:1] * (rows - real) if compiled else contexts, pad_id)
             out = sampler.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
                 top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                use_cache=True, synced_gpus=synced,
+                use_cache=True, synced_gpus=synced, logits_processor=LogitsProcessorList([StepSeeds(seed)]),
+                **(static_cache(length, real) if compiled else {}),
             )
     finally:
         model.train(was_training)
     continuations = []
-    for row in out[:, ids.shape[1]:]:
+    for row in out[:real, ids.shape[1]:]:
         ends = (row == eos_id).nonzero()
         continuations.append(row[: int(ends[0]) + 1] if len(ends) else row)
     return continuations
@@ -90,7 +163,8 @@ def sample_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_i
     sampled = iter(generate(model, flat, pad_id=pad_id, eos_id=eos_id,
                             max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
                             temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
-                            seed=seed, zero3_weights=anchor_cfg.zero3_weights))
+                            seed=seed, zero3_weights=anchor_cfg.zero3_weights,
+                            compile=compiled_sampling(anchor_cfg.compile, flat[0].device)))
     return [_collate_anchors([torch.cat([c, next(sampled)]) for c in per_batch],
                              [int(n) for n in b["prompt_lengths"][:len(per_batch)]], pad_id, b["input_ids"].device)
             for b, per_batch in zip(batches, contexts)]
