@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
-# A few seconds of training: small synthetic data, a handful of steps, no progress bar.
+# A few seconds of training: small synthetic data, a handful of steps, no progress bar. The layout is fixed
+# (trainer.share_prompt=auto times the two, and a timing may pick either: two runs would round differently).
 QUICK = [
     "data.synthetic.num_train=96", "data.eval_size=16", "trainer.max_steps=3", "trainer.micro_batch_size=8",
-    "trainer.eval_batch_size=16", "trainer.warmup_steps=1", "logger.progress=off",
+    "trainer.eval_batch_size=16", "trainer.warmup_steps=1", "logger.progress=off", "trainer.share_prompt=true",
 ]
 
 

@@ -83,6 +83,8 @@ class TrainState:
     position: int             # ... and pairs consumed in it
     bad_steps: int = 0        # non-finite steps in a row
     skipped_steps: int = 0    # non-finite steps in all
+    share_prompt: bool | None = None  # the batch layout trained with (trainer.share_prompt=auto times it once);
+                                      #   None: a checkpoint written before it was kept
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -221,4 +223,9 @@ def load_checkpoint(path: Path, engine, dist=None) -> TrainState:
                         "with the number of processes that wrote it")
     set_rng_state(json.loads((path / f"rng-rank{rank}.json").read_text()),
                   load_file(str(path / f"rng-rank{rank}.safetensors")))
+    return read_state(path)
+
+
+def read_state(path: Path) -> TrainState:
+    """The loop state a checkpoint holds, without loading anything else."""
     return TrainState(**json.loads((path / "state.json").read_text()))

@@ -9,16 +9,21 @@ row, so logits, log-probs and input gradients are those of the unpacked rows (up
 The packed tensors travel in the batch beside the unpacked ones (`packed_*` keys); everything downstream keeps
 the unpacked [2B, T] layout: `unpack` moves per-position values across, `packed_token_logps` picks label
 log-probs without building unpacked logits.
+
+The mask goes to the attention kernel in the form it takes: boolean for SDPA, additive for eager attention, and
+for FlexAttention a `BlockMask` (`block_mask`): SDPA given any explicit mask leaves its fused causal kernels,
+while FlexAttention's fused kernel takes the mask as a rule and skips the blocks it rules out.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from .losses import IGNORE_INDEX
 
 PROMPT, PAD = 0, -1  # segment ids; responses are 1, 2, ...
-SHAREABLE_ATTENTION = ("sdpa", "eager")  # flash_attention_2 takes no custom mask
+SHAREABLE_ATTENTION = ("sdpa", "eager", "flex_attention")  # flash_attention_2 takes no custom mask
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
@@ -61,7 +66,8 @@ def sharing_blocker(loss_cfg, attn_implementation: str) -> str | None:
     if loss_cfg.name == "sft":
         return "SFT scores the chosen responses only"
     if attn_implementation not in SHAREABLE_ATTENTION:
-        return f"model.attn_implementation={attn_implementation} takes no custom attention mask (use sdpa)"
+        return (f"model.attn_implementation={attn_implementation} takes no custom attention mask (use sdpa or "
+                "flex_attention)")
     if loss_cfg.name == "tidpo" and loss_cfg.importance.mode == "gradient" and loss_cfg.importance.span != "response":
         return ("loss.importance.span=prompt_response needs each row's own prompt gradient, which a shared prompt "
                 "mixes")
@@ -90,12 +96,36 @@ def attention_mask_4d(segments: torch.Tensor, *, additive_dtype: torch.dtype | N
         ~allowed, torch.finfo(additive_dtype).min)
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword arguments for a forward of the packed rows (eager attention gets an additive mask)."""
-    eager = attention_implementation(model) == "eager"
-    dtype = next(model.parameters()).dtype if eager else None
-    return {"attention_mask": attention_mask_4d(batch["packed_segments"], additive_dtype=dtype),
-            "position_ids": batch["packed_positions"]}
+def segment_mask_mod(segments: torch.Tensor):
+    """The rule of `attention_mask_4d` as a FlexAttention mask_mod: (row, head, query, key) -> may attend."""
+    def mask_mod(b, h, q, kv):
+        query, key = segments[b, q], segments[b, kv]
+        return ((kv <= q) & ((key == PROMPT) | (key == query)) & (query != PAD)) | (q == kv)
+    return mask_mod
+
+
+def block_mask(segments: torch.Tensor):
+    """The FlexAttention `BlockMask` of the packed rows [B, S]: `segment_mask_mod`, one mask for every head.
+
+    A 4-D `BlockMask` as the attention mask goes through transformers untouched (masking_utils'
+    `_preprocess_mask_arguments` returns any 4-D mask as it is) to its flex_attention_forward, which hands it
+    to `flex_attention` as `block_mask`. Built eagerly: it evaluates the rule once per (row, query, key), the
+    work of the dense mask, with nothing to compile for each new width."""
+    rows, width = segments.shape
+    return create_block_mask(segment_mask_mod(segments), B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                             device=segments.device)
+
+
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments for a forward of the packed rows: the mask in the form the attention kernel takes
+    (eager attention: additive; flex_attention: a BlockMask), and the position ids."""
+    impl = attention_implementation(model)
+    if impl == "flex_attention":
+        mask = block_mask(batch["packed_segments"])
+    else:
+        dtype = next(model.parameters()).dtype if impl == "eager" else None
+        mask = attention_mask_4d(batch["packed_segments"], additive_dtype=dtype)
+    return {"attention_mask": mask, "position_ids": batch["packed_positions"]}
 
 
 def attention_implementation(model: torch.nn.Module) -> str:

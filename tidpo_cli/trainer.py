@@ -18,14 +18,17 @@ from transformers.utils import logging as hf_logging
 
 from .config import config_changes
 from .distributed import Dist, build_engine, setup, shard_reference
-from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
+from .checkpoint import (TrainState, find_resume_checkpoint, load_checkpoint, read_state, save_checkpoint,
+                         save_hf_model)
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
+from .data.collate import collate
 from .data.splits import load_splits
 from .anchors import attach_anchors
 from .objective import TokenIds, batch_loss, loss_items
 from .packing import attention_implementation, sharing_blocker
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
+from .probe import REPEATS, time_layouts
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
 
@@ -94,18 +97,19 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 @torch.no_grad()
 def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, autocast,
-             dist: Dist = Dist()) -> dict[str, float]:
+             dist: Dist = Dist(), share: bool | None = None) -> dict[str, float]:
     """Metrics of the held-out pairs, averaged over all of them, with an `eval/` prefix.
 
     Each rank scores every `world`-th pair. All ranks run the same number of batches (a rank that runs out
-    repeats its last one and drops its numbers): under ZeRO-3 every forward is a collective.
+    repeats its last one and drops its numbers): under ZeRO-3 every forward is a collective. `share`: the
+    layout (training passes its own); None: `share_prompt`'s.
     """
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     mine = pairs[dist.rank::dist.world]
     batches = list(eval_batches(mine or pairs[:1], cfg.trainer.eval_batch_size, ids.pad,
-                                share_prompt=share_prompt(cfg, policy, device)))
+                                share_prompt=share_prompt(cfg, policy, device) if share is None else share))
     real = len(batches) if mine else 0
     for index in range(dist.max(len(batches))):
         batch = batches[min(index, len(batches) - 1)]
@@ -119,17 +123,71 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
 
 
 def share_prompt(cfg: DictConfig, model, device: torch.device, say: bool = False) -> bool:
-    """Whether batches use the packed layout (packing.py); `say` logs why a requested one cannot be used.
+    """Whether batches use the packed layout (packing.py) where nothing is timed (`tidpo eval`; training decides
+    `auto` by timing, `training_layout`); `say` logs why a requested one cannot be used.
 
-    `auto` shares on the CPU only: on a GPU the 4-D mask keeps SDPA off its fused causal (flash) kernels, which
-    cost more than the prompt's second copy (docs/benchmarks.md: DPO 1.6x slower per step on an H200)."""
+    Untimed, `auto` shares on the CPU only: on a GPU the 4-D mask keeps SDPA off its fused causal (flash)
+    kernels, which cost more than the prompt's second copy (docs/benchmarks.md: DPO 1.6x slower per step on an
+    H200)."""
     wanted = cfg.trainer.share_prompt
     if wanted is False or (wanted == "auto" and device.type != "cpu"):
         return False
+    return can_share(cfg, model, say)
+
+
+def can_share(cfg: DictConfig, model, say: bool = False) -> bool:
+    """Whether the packed layout works for this loss and attention kernel; `say` logs why not."""
     blocker = sharing_blocker(cfg.loss, attention_implementation(model))
     if blocker and say and cfg.loss.name != "sft":
         log.info("trainer.share_prompt: not used: %s", blocker)
     return blocker is None
+
+
+LAYOUTS = {False: "one row per response", True: "the prompt shared"}
+
+
+def training_layout(cfg: DictConfig, policy, stream: BatchStream, device: torch.device, autocast, dist: Dist,
+                    checkpoint: Path | None) -> bool:
+    """Whether the training batches share the prompt. `trainer.share_prompt=auto`: the layout of the run that
+    `checkpoint` resumes (its numbers round as the uninterrupted run's did), else the faster of the two on the
+    first micro-batch, as rank 0 timed it, on every rank."""
+    if cfg.trainer.share_prompt != "auto":
+        return share_prompt(cfg, policy, device, say=True)
+    if not can_share(cfg, policy, say=True):
+        return False
+    if checkpoint is not None:
+        stored = read_state(checkpoint).share_prompt
+        if stored is None:  # written before the layout was kept, when `auto` shared on the CPU only
+            stored = device.type == "cpu"
+        log.info("trainer.share_prompt=auto: %s, as in the run resumed", LAYOUTS[stored])
+        return stored
+    mine = timed_layout(policy, stream, device, autocast) if dist.main else False
+    return dist.sum([float(mine)])[0] > 0  # rank 0's choice: the others add nothing
+
+
+def timed_layout(policy, stream: BatchStream, device: torch.device, autocast) -> bool:
+    """Whether the packed layout took less time than one row per response on the stream's next micro-batch."""
+    pairs = stream.peek()
+    batches = [to_device(collate(pairs, stream.pad_id, share_prompt=share), device) for share in (False, True)]
+    try:
+        unshared, shared = time_layouts(policy, *batches, autocast=autocast)
+    except torch.OutOfMemoryError:
+        # It runs before DeepSpeed partitions the model: a model that fits only partitioned may not fit here.
+        torch.cuda.empty_cache()
+        log.warning("trainer.share_prompt=auto: timing the two layouts ran out of GPU memory: %s (set "
+                    "trainer.share_prompt=true or false to skip the timing)", LAYOUTS[False])
+        return False
+    log.info("trainer.share_prompt=auto: a policy forward and backward of the first micro-batch takes %.4f s "
+             "with %s, %.4f s with %s (the least of %d passes each): %s", unshared, LAYOUTS[False], shared,
+             LAYOUTS[True], REPEATS, LAYOUTS[shared < unshared])
+    return shared < unshared
+
+
+def check_attention(cfg: DictConfig, device: torch.device) -> None:
+    """An attention kernel that cannot train on `device` is the user's mistake."""
+    if cfg.model.attn_implementation == "flex_attention" and device.type in ("cpu", "mps"):
+        raise UserError(f"model.attn_implementation=flex_attention cannot train on the {device.type}: PyTorch's "
+                        "FlexAttention has no backward there; use model.attn_implementation=sdpa, or a GPU")
 
 
 def anchor_window(cfg: DictConfig, step: int, steps: int) -> int:
@@ -157,11 +215,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
     dist = setup(pick_device(t.device), deepspeed_enabled=cfg.deepspeed.enabled)
     device = dist.device
+    check_attention(cfg, device)
     if not dist.main:
         log.setLevel(logging.WARNING)  # one voice in train.log: rank 0's
     seed_everything(cfg.seed)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
-        if t.precision == "bf16" and not cfg.deepspeed.enabled else nullcontext  # DeepSpeed casts to bf16 itself
+    bf16 = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" else nullcontext
+    autocast = nullcontext if cfg.deepspeed.enabled else bf16  # DeepSpeed casts to bf16 itself
 
     tokenizer = load_tokenizer(cfg.model)
     splits = load_splits(cfg.data, tokenizer, seed=cfg.seed)  # data problems surface before a big model loads
@@ -193,8 +252,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     ids = TokenIds(pad=tokenizer.pad_token_id, eos=tokenizer.eos_token_id, max_length=cfg.data.max_length)
     # One global stream of micro-batches, the same on every rank; rank r takes micro-batches r, r + world, ...
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
-                         shuffle=cfg.data.shuffle, share_prompt=share_prompt(cfg, policy, device, say=True),
-                         group_by_length=cfg.data.group_by_length)
+                         shuffle=cfg.data.shuffle, group_by_length=cfg.data.group_by_length)
+    checkpoint = find_resume_checkpoint(run_dir, t.resume)
+    # Timed before DeepSpeed wraps the model (a plain module, whose gradients can be taken and dropped), under
+    # the bf16 autocast that DeepSpeed's own cast stands for later.
+    stream.share_prompt = training_layout(cfg, policy, stream, device, bf16, dist, checkpoint)
     steps = total_steps(cfg, stream.batches_per_epoch // dist.world)
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, steps)
@@ -204,12 +266,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     tracker = Tracker(run_dir, cfg.logger, steps, config=OmegaConf.to_container(cfg, resolve=True), main=dist.main)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(model, reference, splits.eval, cfg, ids, device, autocast, dist)
+        metrics = evaluate(model, reference, splits.eval, cfg, ids, device, autocast, dist,
+                           share=stream.share_prompt)
         tracker.log_eval(step, metrics)
         return metrics
 
     state = TrainState(step=0, epoch=0, position=0)
-    checkpoint = find_resume_checkpoint(run_dir, t.resume)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, dist)
         stream.epoch, stream.position = state.epoch, state.position
@@ -218,6 +280,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         changed = config_changes(OmegaConf.load(checkpoint / "config.yaml"), cfg)
         if changed:  # allowed (e.g. more steps), but a resumed run then differs from an uninterrupted one
             log.warning("the config differs from the checkpoint's: %s", "; ".join(changed))
+    state.share_prompt = stream.share_prompt  # what the checkpoints of this run say it trains with
 
     if checkpoint is not None and state.step == steps:
         done = {k: v for k, v in tracker.logged(steps).items() if k.startswith("eval/")}

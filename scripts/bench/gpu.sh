@@ -2,8 +2,9 @@
 # On a machine with one NVIDIA GPU (CI never runs this): first checks that the GPU paths work (bf16 autocast,
 # DeepSpeed ZeRO-3 over nccl), then measures `tidpo train` throughput on a ~1B Llama built from config in bf16
 # with SDPA attention: dpo, tidpo_no_triplet and tidpo on HH-RLHF pairs (byte tokenizer, max_length 512,
-# 8 pairs per step). Writes $OUT/gpu_bench.json (tokens/s, samples/s, step time, peak memory, model-FLOPs
-# utilisation) and the runs' logs.
+# 8 pairs per step), and the shared-prompt layout under SDPA and under FlexAttention. Writes $OUT/gpu_bench.json
+# (tokens/s, samples/s, step time, peak memory, model-FLOPs utilisation, trainer.share_prompt=auto's timings)
+# and the runs' logs.
 #
 #   OUT=bench-gpu HH=path/to/hh-rlhf/test.jsonl.gz bash scripts/bench/gpu.sh
 #
@@ -52,30 +53,44 @@ else MODEL=(); fi
 BIG=("${MODEL[@]}" model.config.max_position_embeddings=1024 data=hh_rlhf "data.path=$HH" data.max_length=512 data.max_prompt_length=256 data.eval_size=8
      trainer.micro_batch_size=8 trainer.max_steps="$STEPS" trainer.eval_before=false trainer.save_every=0
      trainer.save_final=false trainer.lr=1e-5 trainer.warmup_steps=0 logger.print_every=5)
-# name:overrides. `dpo_unshared` is DPO with the prompt computed twice and batches in random order (the layout
-# before trainer.share_prompt and data.group_by_length); `tidpo_fused` takes the saliency from the loss's forward.
+# name:overrides (GPU_ROWS="name:overrides;..." replaces them). `dpo_unshared` is DPO with the prompt computed
+# twice and batches in random order (the layout before trainer.share_prompt and data.group_by_length);
+# `tidpo_fused` takes the saliency from the loss's forward; `dpo_shared` forces the shared prompt under SDPA (the
+# 4-D mask), the `*_flex*` rows run FlexAttention, its block mask with the prompt shared, causal without;
+# `tidpo_compiled` / `tidpo_eager` sample the anchors with / without the compiled decode step (`tidpo`: auto, on).
+FLEX=model.attn_implementation=flex_attention
 IFS=';' read -ra ROWS <<< "${GPU_ROWS:-}"
 [ ${#ROWS[@]} -gt 0 ] || ROWS=("dpo:loss=dpo" "dpo_unshared:loss=dpo trainer.share_prompt=false data.group_by_length=0"
-      "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_fused:loss=tidpo loss.importance.grad_pass=fused")
+      "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_fused:loss=tidpo loss.importance.grad_pass=fused"
+      "dpo_shared:loss=dpo trainer.share_prompt=true"
+      "dpo_flex:loss=dpo $FLEX trainer.share_prompt=false" "dpo_flex_shared:loss=dpo $FLEX trainer.share_prompt=true"
+      "tidpo_flex_shared:loss=tidpo $FLEX trainer.share_prompt=true"
+      "tidpo_compiled:loss=tidpo loss.anchor.compile=true" "tidpo_eager:loss=tidpo loss.anchor.compile=false")
+NAMES=()
 for row in "${ROWS[@]}"; do
   name=${row%%:*}; read -ra overrides <<< "${row#*:}"
+  NAMES+=("$name")
+  rm -f "$OUT/$name.jsonl"  # a failed row leaves none, not an earlier call's
   if train "${overrides[@]}" "${BIG[@]}" hydra.run.dir="$RUNS/$name" > "$OUT/$name.log" 2>&1; then
     status "bench_$name" ok
     cp "$RUNS/$name/metrics.jsonl" "$OUT/$name.jsonl"
   else status "bench_$name" "FAILED ($name.log)"; fi
 done
 
-"$PY" - "$OUT" "$WARMUP" "$PEAK_TFLOPS" <<'PYEOF'
+"$PY" - "$OUT" "$WARMUP" "$PEAK_TFLOPS" "${NAMES[@]}" <<'PYEOF'
 import json, statistics, sys
 from pathlib import Path
 out, warmup, peak = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) * 1e12
+names = sys.argv[4:]  # the rows this call ran, in order
 params = None
-for line in (out / "dpo.log").read_text().splitlines() if (out / "dpo.log").exists() else []:
-    if "M parameters" in line:
-        params = float(line.split("model: ")[1].split(", ")[1].split("M parameters")[0]) * 1e6
+for name in names:  # every row builds the same model: the first log that names its size
+    log = out / f"{name}.log"
+    for line in log.read_text().splitlines() if log.exists() and params is None else []:
+        if "M parameters" in line:
+            params = float(line.split("model: ")[1].split(", ")[1].split("M parameters")[0]) * 1e6
 result = {"gpu": (out / "gpu.txt").read_text().strip(), "parameters": params, "warmup_steps_excluded": warmup,
           "checks": (out / "checks.txt").read_text().splitlines(), "runs": {}}
-for loss in ("dpo", "dpo_unshared", "tidpo_no_triplet", "tidpo", "tidpo_fused"):
+for loss in names:
     path = out / f"{loss}.jsonl"
     if not path.exists():
         continue
@@ -89,6 +104,10 @@ for loss in ("dpo", "dpo_unshared", "tidpo_no_triplet", "tidpo", "tidpo_fused"):
         "step_s": statistics.median(8 / r["perf/samples_per_s"] for r in steady),
         "peak_mem_gb": max(r.get("perf/peak_mem_gb", 0) for r in rows),
         "mfu_dpo_flops": 8 * params * tokens / peak if params else None,
+        # trainer.share_prompt=auto's two timings and its choice, as the run logged them
+        "share_prompt_auto": next((line.split("trainer.share_prompt=auto: ", 1)[1]
+                                   for line in (out / f"{loss}.log").read_text().splitlines()
+                                   if "trainer.share_prompt=auto: " in line), None),
     }
 dpo = result["runs"].get("dpo")
 for loss, run in result["runs"].items():

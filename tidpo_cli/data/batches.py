@@ -44,6 +44,13 @@ class BatchStream:
         return grouped_by_length(order, self.pairs, self.micro_batch_size, self.group_by_length, generator) \
             if self.group_by_length else order
 
+    def peek(self) -> list[TokenizedPair]:
+        """The pairs of the next micro-batch, the stream left where it stands."""
+        epoch, position = self.epoch, self.position
+        if position + self.micro_batch_size > len(self.pairs):
+            epoch, position = epoch + 1, 0
+        return [self.pairs[i] for i in self._order(epoch)[position: position + self.micro_batch_size]]
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             order = self._order(self.epoch)
