@@ -67,6 +67,61 @@ def test_ragged_prompts_in_one_batch_match_each_prompt_alone():
         assert torch.equal(row, alone)
 
 
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("rows, cache", [(None, 64), (lambda r: r + 5, 256), (lambda r: r, 16)])
+def test_a_static_cache_and_dummy_rows_leave_the_eager_samples_as_they_are(monkeypatch, rows, cache):
+    """The compiled path's shapes without the compile (HF's `disable_compile`, so it is fast): whatever the buckets
+    (3 rows padded to 4 or to 8, or none; a cache of 64, 256 or 32 tokens), the real rows get the tokens the eager
+    dynamic-cache path draws under the same seed."""
+    from tidpo_cli import anchors
+    m = model()
+    eager = [sample(m, seed=s) for s in range(3)]
+    original = anchors.static_cache
+    monkeypatch.setattr(anchors, "static_cache", lambda *a: {**original(*a), "disable_compile": True})
+    monkeypatch.setattr(anchors, "CACHE_BUCKET", cache)
+    if rows:
+        monkeypatch.setattr(anchors, "row_bucket", rows)
+    assert all(same(sample(m, seed=s, compile=True), eager[s]) for s in range(3))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket():
+    """Compiled for real on the CPU (the compile config's all-devices switch). The same tokens as eager, not only
+    the same distribution: the compiled kernels round differently, but on this toy no draw sits near enough a
+    boundary to flip. A second generation in the same buckets (other prompts, 4 rows) compiles nothing new."""
+    from torch._dynamo.utils import counters
+    m = model()
+    before = counters["stats"]["unique_graphs"]
+    assert same(sample(m, seed=3, compile=True), sample(m, seed=3))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # it did compile
+    others = [c[:-1] for c in CONTEXTS] + [CONTEXTS[1]]
+    options = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95, seed=4)
+    compiled = generate(m, others, compile=True, **options)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert same(compiled, generate(m, others, **options))
+
+
+def test_compile_auto_is_off_on_the_cpu_and_a_bad_value_is_refused(monkeypatch):
+    from helpers import compose_config
+    from tidpo_cli import anchors
+    from tidpo_cli.errors import ConfigError
+
+    cfg = compose_config(["loss=tidpo"]).loss.anchor
+    assert cfg.compile == "auto" and anchors.compiled_sampling("auto", torch.device("cuda", 0))
+    seen = []
+    monkeypatch.setattr(anchors, "generate", lambda model, contexts, **kw: seen.append(kw["compile"]) or
+                        [torch.tensor([EOS])] * len(contexts))
+    anchor_batch(collate(pairs(), PAD), model(), cfg, pad_id=PAD, eos_id=EOS, max_length=32, seed=0)
+    assert seen == [False]
+    assert compose_config(["loss=tidpo", "loss.anchor.compile=true"]).loss.anchor.compile is True
+    with pytest.raises(ConfigError, match="loss.anchor.compile='maybe' is not allowed: expected one of auto"):
+        compose_config(["loss=tidpo", "loss.anchor.compile=maybe"])
+
+
 def test_generation_keeps_training_mode_and_needs_no_grad():
     m = model()
     m.train()
@@ -90,7 +145,7 @@ def test_anchor_contexts_prompt_and_chosen_prefix():
 def test_anchor_batch_labels_cover_the_anchor_response_only():
     from omegaconf import OmegaConf
     cfg = OmegaConf.create({"source": "prompt", "prefix_fraction": 0.5, "max_new_tokens": 6, "temperature": 1.0,
-                            "top_k": 0, "top_p": 1.0})
+                            "top_k": 0, "top_p": 1.0, "zero3_weights": "auto", "compile": "auto"})
     batch = collate(pairs(), PAD)
     anchors = anchor_batch(batch, model(), cfg, pad_id=PAD, eos_id=EOS, max_length=32, seed=0)
     assert anchors["input_ids"].shape[0] == 2
@@ -101,16 +156,6 @@ def test_anchor_batch_labels_cover_the_anchor_response_only():
         assert 1 <= n - prompt_len <= 6
         assert torch.equal(labels[prompt_len:n], ids[prompt_len:n])
         assert (labels[n:] == IGNORE_INDEX).all()
-
-
-def test_anchor_windows_start_every_k_steps_and_end_with_the_run():
-    from helpers import compose_config
-    from tidpo_cli.trainer import anchor_window
-
-    cfg = compose_config(["loss=tidpo", "loss.anchor.refresh_every=3"])
-    assert [anchor_window(cfg, s, 8) for s in range(1, 9)] == [3, 2, 1, 3, 2, 1, 2, 1]  # windows 1-3, 4-6, 7-8
-    assert anchor_window(compose_config(["loss=tidpo"]), 5, 8) == 1                      # the paper: every step
-    assert anchor_window(compose_config(["loss=tidpo_no_triplet", "loss.anchor.refresh_every=3"]), 1, 8) == 1
 
 
 def test_refresh_every_samples_the_anchors_of_k_steps_in_one_generation(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from tidpo_cli.errors import UserError
 # (zero3_weights=auto, which fits here); test_zero3_separate_pass_and_per_layer_sampling covers the other paths.
 BASE = ["data.synthetic.num_train=96", "data.eval_size=16", "trainer.micro_batch_size=4", "trainer.eval_batch_size=8",
         "trainer.schedule=constant", "trainer.warmup_steps=1", "trainer.save_every=5", "logger.progress=off",
-        "loss.anchor.max_new_tokens=6"]
+        "loss.anchor.max_new_tokens=6", "trainer.share_prompt=true"]  # one layout for all (auto would time them)
 # ZeRO-3 keeps tensors below the persistence threshold whole on every rank, which is every tensor of the tiny
 # model: 0 partitions them all, so the gathers, the synced generation and the sharded reference are exercised.
 ZERO = {"zero2": ["deepspeed=zero2"],

@@ -13,7 +13,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,8 @@ class TrainState:
     position: int             # ... and pairs consumed in it
     bad_steps: int = 0        # non-finite steps in a row
     skipped_steps: int = 0    # non-finite steps in all
+    anchor_window: int | None = None  # loss.anchor.refresh_every=auto: the window picked (None: not yet) ...
+    anchor_timings: dict = field(default_factory=dict)  # ... and the probe's sampling times (refresh.py)
     share_prompt: bool | None = None  # the batch layout trained with (trainer.share_prompt=auto times it once);
                                       #   None: a checkpoint written before it was kept
 

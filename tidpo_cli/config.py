@@ -56,6 +56,11 @@ def target_modules(v: Any) -> Optional[str]:
     return None if ok else "all-linear or a non-empty list of module names, e.g. [q_proj,v_proj]"
 
 
+def window_setting(v: Any) -> Optional[str]:
+    ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    return None if ok else "a whole number > 0 or auto"
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = key()
@@ -126,8 +131,10 @@ class AnchorConfig:
     top_k: int = key(at_least(0))
     top_p: float = key(closed(0.0, 1.0))
     prefix_fraction: float = key(in_range(0.0, 1.0))
-    refresh_every: int = key(above(0))
+    refresh_every: Any = key(window_setting)
+    max_age: int = key(at_least(0))
     zero3_weights: str = key(one_of("auto", "gathered", "per_layer"))
+    compile: Any = key(one_of("auto", True, False))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .data.batches import BatchStream, eval_batches
 from .data.collate import collate
 from .data.splits import load_splits
 from .anchors import attach_anchors
+from .refresh import PROBE, record, sampled_ahead, window_size
 from .objective import TokenIds, batch_loss, loss_items
 from .packing import attention_implementation, sharing_blocker
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
@@ -190,15 +191,6 @@ def check_attention(cfg: DictConfig, device: torch.device) -> None:
                         "FlexAttention has no backward there; use model.attn_implementation=sdpa, or a GPU")
 
 
-def anchor_window(cfg: DictConfig, step: int, steps: int) -> int:
-    """Steps whose anchors are sampled together at `step`: `loss.anchor.refresh_every` (windows start at steps 1,
-    k + 1, 2k + 1, ...; a run resumed inside one samples the rest of it anew), 1 without anchors."""
-    if cfg.loss.name != "tidpo" or not cfg.loss.gamma:
-        return 1
-    k = cfg.loss.anchor.refresh_every
-    return min(k - (step - 1) % k, steps - step + 1)
-
-
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
     if cfg.trainer.max_steps is not None:
         return cfg.trainer.max_steps
@@ -314,10 +306,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
             seed = (cfg.seed + 1) * 1_000_003 + step * t.grad_accum * dist.world
             if not ahead:
-                ahead = [take_step() for _ in range(anchor_window(cfg, step, steps))]
-                if len(ahead) > 1:  # anchor.refresh_every: the anchors of the window's steps, sampled now at once
+                size = window_size(cfg.loss, step, steps, state.anchor_window)
+                ahead = [take_step() for _ in range(size)]
+                if sampled_ahead(cfg.loss, size):  # anchor.refresh_every: the window's anchors, sampled now at once
+                    began = time.perf_counter()
                     attach_anchors([b for micro, _ in ahead for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
                                    eos_id=ids.eos, max_length=ids.max_length, seed=seed + dist.rank)
+                    if cfg.loss.anchor.refresh_every == "auto" and state.anchor_window is None:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        seconds = dist.sum([time.perf_counter() - began])[0] / dist.world  # the ranks pick alike
+                        state.anchor_window = record(cfg.loss, state.anchor_timings, step, size, seconds)
+                        if state.anchor_window is not None:
+                            log.info("loss.anchor.refresh_every=auto: windows of %d steps from step %d (sampling one "
+                                     "step's anchors took %.3f s, two steps' at once %.3f s; loss.anchor.max_age=%d)",
+                                     state.anchor_window, sum(PROBE) + 1, state.anchor_timings["one"],
+                                     state.anchor_timings["two"], cfg.loss.anchor.max_age)
             micro_batches, read_to = ahead.pop(0)
             sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids, seed=seed,
                                         autocast=autocast, engine=engine, dist=dist)
