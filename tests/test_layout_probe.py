@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import QUICK, compose_config
-from tidpo_cli import trainer
+from tidpo_cli import layout, trainer
 from tidpo_cli.data.batches import BatchStream
 from tidpo_cli.data.collate import collate
 from tidpo_cli.data.splits import load_splits
@@ -20,7 +20,7 @@ from tidpo_cli.errors import UserError
 from tidpo_cli.modeling import load_policy, load_tokenizer
 from tidpo_cli.objective import forward
 from tidpo_cli.packing import is_packed
-from tidpo_cli.probe import time_layouts
+from tidpo_cli.layout import time_layouts
 
 AUTO = "trainer.share_prompt=auto"
 
@@ -92,7 +92,7 @@ def test_auto_keeps_the_faster_layout_logs_and_stores_it_and_a_resume_reuses_it(
 
     # The resumed run does not time again: it trains in the layout of the run it continues.
     (tmp_path / "checkpoints" / "step-3" / "state.json").write_text(json.dumps({**state, "share_prompt": not chosen}))
-    monkeypatch.setattr(trainer, "time_layouts", lambda *args, **kwargs: pytest.fail("timed again on resume"))
+    monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: pytest.fail("timed again on resume"))
     caplog.clear()
     seen.clear()
     trainer.train(compose_config([*QUICK, AUTO, "loss=dpo", "trainer.max_steps=5"]), tmp_path)
@@ -105,8 +105,8 @@ def test_auto_keeps_the_faster_layout_logs_and_stores_it_and_a_resume_reuses_it(
 @pytest.mark.parametrize("times, expected", [((2.0, 1.0), True), ((1.0, 2.0), False)])
 def test_auto_keeps_the_layout_that_took_less_time(monkeypatch, times, expected):
     cfg, policy, stream = policy_and_stream(["loss=dpo"])
-    monkeypatch.setattr(trainer, "time_layouts", lambda *args, **kwargs: times)
-    assert trainer.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is expected
+    monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: times)
+    assert layout.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is expected
 
 
 class OtherRank(Dist):
@@ -118,16 +118,16 @@ class OtherRank(Dist):
 
 def test_every_rank_takes_rank_0s_choice_and_only_rank_0_times(monkeypatch):
     cfg, policy, stream = policy_and_stream(["loss=dpo"])
-    monkeypatch.setattr(trainer, "time_layouts", lambda *args, **kwargs: pytest.fail("rank 1 timed"))
-    assert trainer.training_layout(cfg, policy, stream, torch.device("cpu"), torch.no_grad,
+    monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: pytest.fail("rank 1 timed"))
+    assert layout.training_layout(cfg, policy, stream, torch.device("cpu"), torch.no_grad,
                                    OtherRank(rank=1, world=2), None) is True
 
 
 @pytest.mark.parametrize("overrides", [["loss=sft"], ["loss=tidpo_code"]])  # nothing to share / a blocker
 def test_auto_does_not_time_where_sharing_is_blocked(monkeypatch, overrides):
     cfg, policy, stream = policy_and_stream(overrides)
-    monkeypatch.setattr(trainer, "time_layouts", lambda *args, **kwargs: pytest.fail("timed"))
-    assert trainer.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is False
+    monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: pytest.fail("timed"))
+    assert layout.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is False
 
 
 def test_a_probe_out_of_gpu_memory_keeps_one_row_per_response(monkeypatch, caplog):
@@ -136,8 +136,8 @@ def test_a_probe_out_of_gpu_memory_keeps_one_row_per_response(monkeypatch, caplo
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer, "time_layouts", out_of_memory)
-    assert trainer.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is False
+    monkeypatch.setattr(layout, "time_layouts", out_of_memory)
+    assert layout.training_layout(cfg, policy, stream, torch.device("cpu"), nullcontext, Dist(), None) is False
     assert "ran out of GPU memory" in caplog.text
 
 
@@ -146,13 +146,13 @@ def test_a_checkpoint_from_before_the_probe_resumes_in_the_layout_auto_then_gave
                                                                                  expected):
     cfg, policy, stream = policy_and_stream(["loss=dpo"])
     (tmp_path / "state.json").write_text(json.dumps({"step": 3, "epoch": 0, "position": 24}))
-    monkeypatch.setattr(trainer, "time_layouts", lambda *args, **kwargs: pytest.fail("timed on resume"))
-    assert trainer.training_layout(cfg, policy, stream, torch.device(device), nullcontext, Dist(),
+    monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: pytest.fail("timed on resume"))
+    assert layout.training_layout(cfg, policy, stream, torch.device(device), nullcontext, Dist(),
                                    tmp_path) is expected
 
 
 def test_flex_attention_does_not_train_on_the_cpu():
     cfg = compose_config([*QUICK, "model.attn_implementation=flex_attention"])
     with pytest.raises(UserError, match="model.attn_implementation=flex_attention cannot train on the cpu"):
-        trainer.check_attention(cfg, torch.device("cpu"))
-    trainer.check_attention(cfg, torch.device("cuda"))
+        layout.check_attention(cfg, torch.device("cpu"))
+    layout.check_attention(cfg, torch.device("cuda"))

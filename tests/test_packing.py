@@ -127,7 +127,7 @@ AUTO = "trainer.share_prompt=auto"
     (["loss=dpo", AUTO, "model.attn_implementation=flash_attention_2"], "cpu", False),
 ])
 def test_when_batches_share_the_prompt(overrides, device, expected):
-    from tidpo_cli.trainer import share_prompt
+    from tidpo_cli.layout import share_prompt
 
     cfg = compose_config([*QUICK, *overrides])
     policy = pairs_and_model(n=1)[3]

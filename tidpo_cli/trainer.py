@@ -18,18 +18,15 @@ from transformers.utils import logging as hf_logging
 
 from .config import config_changes
 from .distributed import Dist, build_engine, setup, shard_reference
-from .checkpoint import (TrainState, find_resume_checkpoint, load_checkpoint, read_state, save_checkpoint,
-                         save_hf_model)
+from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
-from .data.collate import collate
 from .data.splits import load_splits
 from .anchors import attach_anchors
-from .refresh import PROBE, record, sampled_ahead, window_size
+from .layout import check_attention, share_prompt, training_layout
 from .objective import TokenIds, batch_loss, loss_items
-from .packing import attention_implementation, sharing_blocker
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
-from .probe import REPEATS, time_layouts
+from .refresh import PROBE, record, sampled_ahead, window_size
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
 
@@ -121,74 +118,6 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
             sums.merge(metrics)
     policy.train(was_training)
     return dist.sum_metrics(sums).means(prefix="eval/")
-
-
-def share_prompt(cfg: DictConfig, model, device: torch.device, say: bool = False) -> bool:
-    """Whether batches use the packed layout (packing.py) where nothing is timed (`tidpo eval`; training decides
-    `auto` by timing, `training_layout`); `say` logs why a requested one cannot be used.
-
-    Untimed, `auto` shares on the CPU only: on a GPU the 4-D mask keeps SDPA off its fused causal (flash)
-    kernels, which cost more than the prompt's second copy (docs/benchmarks.md: DPO 1.6x slower per step on an
-    H200)."""
-    wanted = cfg.trainer.share_prompt
-    if wanted is False or (wanted == "auto" and device.type != "cpu"):
-        return False
-    return can_share(cfg, model, say)
-
-
-def can_share(cfg: DictConfig, model, say: bool = False) -> bool:
-    """Whether the packed layout works for this loss and attention kernel; `say` logs why not."""
-    blocker = sharing_blocker(cfg.loss, attention_implementation(model))
-    if blocker and say and cfg.loss.name != "sft":
-        log.info("trainer.share_prompt: not used: %s", blocker)
-    return blocker is None
-
-
-LAYOUTS = {False: "one row per response", True: "the prompt shared"}
-
-
-def training_layout(cfg: DictConfig, policy, stream: BatchStream, device: torch.device, autocast, dist: Dist,
-                    checkpoint: Path | None) -> bool:
-    """Whether the training batches share the prompt. `trainer.share_prompt=auto`: the layout of the run that
-    `checkpoint` resumes (its numbers round as the uninterrupted run's did), else the faster of the two on the
-    first micro-batch, as rank 0 timed it, on every rank."""
-    if cfg.trainer.share_prompt != "auto":
-        return share_prompt(cfg, policy, device, say=True)
-    if not can_share(cfg, policy, say=True):
-        return False
-    if checkpoint is not None:
-        stored = read_state(checkpoint).share_prompt
-        if stored is None:  # written before the layout was kept, when `auto` shared on the CPU only
-            stored = device.type == "cpu"
-        log.info("trainer.share_prompt=auto: %s, as in the run resumed", LAYOUTS[stored])
-        return stored
-    mine = timed_layout(policy, stream, device, autocast) if dist.main else False
-    return dist.sum([float(mine)])[0] > 0  # rank 0's choice: the others add nothing
-
-
-def timed_layout(policy, stream: BatchStream, device: torch.device, autocast) -> bool:
-    """Whether the packed layout took less time than one row per response on the stream's next micro-batch."""
-    pairs = stream.peek()
-    batches = [to_device(collate(pairs, stream.pad_id, share_prompt=share), device) for share in (False, True)]
-    try:
-        unshared, shared = time_layouts(policy, *batches, autocast=autocast)
-    except torch.OutOfMemoryError:
-        # It runs before DeepSpeed partitions the model: a model that fits only partitioned may not fit here.
-        torch.cuda.empty_cache()
-        log.warning("trainer.share_prompt=auto: timing the two layouts ran out of GPU memory: %s (set "
-                    "trainer.share_prompt=true or false to skip the timing)", LAYOUTS[False])
-        return False
-    log.info("trainer.share_prompt=auto: a policy forward and backward of the first micro-batch takes %.4f s "
-             "with %s, %.4f s with %s (the least of %d passes each): %s", unshared, LAYOUTS[False], shared,
-             LAYOUTS[True], REPEATS, LAYOUTS[shared < unshared])
-    return shared < unshared
-
-
-def check_attention(cfg: DictConfig, device: torch.device) -> None:
-    """An attention kernel that cannot train on `device` is the user's mistake."""
-    if cfg.model.attn_implementation == "flex_attention" and device.type in ("cpu", "mps"):
-        raise UserError(f"model.attn_implementation=flex_attention cannot train on the {device.type}: PyTorch's "
-                        "FlexAttention has no backward there; use model.attn_implementation=sdpa, or a GPU")
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:

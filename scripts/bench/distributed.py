@@ -25,7 +25,7 @@ steps, the first 2 left out, "the median of steps 3-8"); a cell's is the median 
 run is kept in the JSON; CPU timings on this shared machine move by up to a fifth). With repeats, every cell runs
 once before any runs again. Ratios tidpo_no_triplet / dpo and tidpo / dpo per setting, and the issue's targets
 as checks (pass / fail), under zero2 and under zero3:
-  (a) each ratio within 1.15x of the same ratio in one process (1 / 1.15 <= distributed / single <= 1.15);
+  (a) each ratio at most 1.15x the same ratio in one process (distributed / single <= 1.15);
   (b) tidpo_no_triplet <= 1.35x and tidpo <= 2.0x a DPO step.
 Writes BENCH_OUT (bench-distributed.json at the repo root: machine, versions, commands, every run) and prints a
 markdown table: setting x loss, step (s), ratio vs dpo, then the checks.
@@ -65,7 +65,7 @@ SETTINGS: dict[str, tuple[int, list[str]]] = {
 }
 LOSSES = ["dpo", "tidpo_no_triplet", "tidpo"]
 BASELINE = "dpo"
-# The issue's targets: (a) a distributed ratio within this factor of one process's; (b) the ratio's ceiling.
+# The issue's targets: (a) a distributed ratio at most this factor of one process's; (b) the ratio's ceiling.
 SAME_RATIO = 1.15
 CEILINGS = {"tidpo_no_triplet": 1.35, "tidpo": 2.0}
 
@@ -161,17 +161,18 @@ def _verdict(value: float | None, low: float, high: float) -> bool | None:
 
 
 def checks(ratio: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]:
-    """The issue's targets under each distributed setting: (a) its ratio over one process's ratio within
-    SAME_RATIO either way, (b) the ratio at most its ceiling. `pass` None where a figure is missing."""
+    """The issue's targets under each distributed setting: (a) its ratio at most SAME_RATIO times one process's
+    ratio (what distribution adds to TI-DPO's cost; a lower one passes: distributed TI-DPO costing relatively less
+    is no fault), (b) the ratio at most its ceiling. `pass` None where a figure is missing."""
     out = {}
     single = ratio.get("single", {})
     for setting in (x for x in ratio if SETTINGS[x][0] > 1):
         for loss, value in ratio[setting].items():
             base = single.get(loss)
             rel = value / base if value is not None and base else None
-            out[f"{setting}: {loss}/{BASELINE} within {SAME_RATIO}x of one process's"] = {
-                "value": rel, "op": "within", "threshold": SAME_RATIO,
-                "pass": _verdict(rel, 1 / SAME_RATIO, SAME_RATIO),
+            out[f"{setting}: {loss}/{BASELINE} <= {SAME_RATIO} x one process's"] = {
+                "value": rel, "op": "<=", "threshold": SAME_RATIO,
+                "pass": _verdict(rel, 0.0, SAME_RATIO),
                 "ratio": f"({setting} {loss}/{BASELINE}) / (single {loss}/{BASELINE})"}
             if loss in CEILINGS:
                 out[f"{setting}: {loss} step <= {CEILINGS[loss]} x {BASELINE}"] = {

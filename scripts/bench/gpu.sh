@@ -55,17 +55,25 @@ BIG=("${MODEL[@]}" model.config.max_position_embeddings=1024 data=hh_rlhf "data.
      trainer.save_final=false trainer.lr=1e-5 trainer.warmup_steps=0 logger.print_every=5)
 # name:overrides (GPU_ROWS="name:overrides;..." replaces them). `dpo_unshared` is DPO with the prompt computed
 # twice and batches in random order (the layout before trainer.share_prompt and data.group_by_length);
-# `tidpo_fused` takes the saliency from the loss's forward; `dpo_shared` forces the shared prompt under SDPA (the
-# 4-D mask), the `*_flex*` rows run FlexAttention, its block mask with the prompt shared, causal without;
-# `tidpo_compiled` / `tidpo_eager` sample the anchors with / without the compiled decode step (`tidpo`: auto, on).
+# `tidpo_separate` takes the saliency from a forward and backward of its own (`tidpo`: auto, fused); `dpo_shared`
+# forces the shared prompt under SDPA (the 4-D mask), the `*_flex*` rows run FlexAttention, its block mask with the
+# prompt shared, causal without;
+# `tidpo_compiled` / `tidpo_eager` sample the anchors with / without the compiled decode step (`tidpo`: auto, on);
+# `tidpo_refresh_auto` picks its anchor window from timed sampling (the log line says which); the `*_zero3*` rows run
+# DeepSpeed ZeRO-3 in one process (nccl, every tensor partitioned), the anchors sampled with the weights gathered
+# once (auto) or every layer gathered for every token (`per_layer`).
+ZERO3="deepspeed=zero3 deepspeed.zero_optimization.stage3_param_persistence_threshold=0"
 FLEX=model.attn_implementation=flex_attention
 IFS=';' read -ra ROWS <<< "${GPU_ROWS:-}"
 [ ${#ROWS[@]} -gt 0 ] || ROWS=("dpo:loss=dpo" "dpo_unshared:loss=dpo trainer.share_prompt=false data.group_by_length=0"
-      "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_fused:loss=tidpo loss.importance.grad_pass=fused"
+      "tidpo_no_triplet:loss=tidpo_no_triplet" "tidpo:loss=tidpo" "tidpo_separate:loss=tidpo loss.importance.grad_pass=separate"
       "dpo_shared:loss=dpo trainer.share_prompt=true"
       "dpo_flex:loss=dpo $FLEX trainer.share_prompt=false" "dpo_flex_shared:loss=dpo $FLEX trainer.share_prompt=true"
       "tidpo_flex_shared:loss=tidpo $FLEX trainer.share_prompt=true"
-      "tidpo_compiled:loss=tidpo loss.anchor.compile=true" "tidpo_eager:loss=tidpo loss.anchor.compile=false")
+      "tidpo_compiled:loss=tidpo loss.anchor.compile=true" "tidpo_eager:loss=tidpo loss.anchor.compile=false"
+      "tidpo_refresh_auto:loss=tidpo loss.anchor.refresh_every=auto"
+      "dpo_zero3:loss=dpo $ZERO3" "tidpo_no_triplet_zero3:loss=tidpo_no_triplet $ZERO3" "tidpo_zero3:loss=tidpo $ZERO3"
+      "tidpo_zero3_per_layer:loss=tidpo $ZERO3 loss.anchor.zero3_weights=per_layer")
 NAMES=()
 for row in "${ROWS[@]}"; do
   name=${row%%:*}; read -ra overrides <<< "${row#*:}"
