@@ -186,3 +186,51 @@ def test_refresh_every_samples_the_anchors_of_k_steps_in_one_generation(tmp_path
     assert [s for s, *_ in resumed] == list(range(1, 7))
     for (_, a, la), (_, b, lb) in zip(whole, resumed):
         assert a == pytest.approx(b, abs=1e-6) and la == lb
+
+
+def test_each_row_draws_on_its_own_whatever_it_is_batched_with():
+    """A context's sample depends on its seed alone, not on the rows beside it: sampled alone, with others before
+    or after it, or as part of two micro-batches in one generation (what a step of several micro-batches does)."""
+    from omegaconf import OmegaConf
+
+    from tidpo_cli.anchors import sample_anchors
+
+    m = model()
+    options = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95)
+    together = generate(m, CONTEXTS, seed=[11, 12, 13], **options)
+    alone = [generate(m, [c], seed=[s], **options)[0] for c, s in zip(CONTEXTS, [11, 12, 13])]
+    reordered = generate(m, CONTEXTS[::-1], seed=[13, 12, 11], **options)[::-1]
+    assert same(together, alone) and same(together, reordered)
+    assert not same(together, generate(m, CONTEXTS, seed=[11, 12, 14], **options))  # the seed does matter
+
+    cfg = OmegaConf.create({"source": "prompt", "prefix_fraction": 0.5, "max_new_tokens": 6, "temperature": 1.0,
+                            "top_k": 0, "top_p": 1.0, "zero3_weights": "auto", "compile": False})
+    first, second = collate(pairs(), PAD), collate(pairs()[::-1], PAD)
+    merged = sample_anchors([first, second], m, cfg, pad_id=PAD, eos_id=EOS, max_length=32, seeds=[5, 6])
+    apart = [anchor_batch(b, m, cfg, pad_id=PAD, eos_id=EOS, max_length=32, seed=s) for b, s in ((first, 5), (second, 6))]
+    for a, b in zip(merged, apart):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "attention_mask", "labels"))
+
+
+def test_the_row_seeded_draw_samples_the_warped_distribution():
+    """Gumbel-max over the warped scores: for fixed logits, the share of each token over many seeds is softmax(logits /
+    temperature) within top-k / top-p (computed here by hand), and tokens outside them never come."""
+    from tidpo_cli.anchors import sampling_processors
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20000, 1)
+    ids = torch.zeros(20000, 3, dtype=torch.long)
+    seeds = torch.arange(20000)
+
+    def shares(temperature, top_k, top_p):
+        scores = sampling_processors(temperature, top_k, top_p, seeds, context_width=2)(ids, logits.clone())
+        return torch.bincount(scores.argmax(-1), minlength=6).double() / 20000
+
+    p = torch.softmax(logits[0].double() / 0.8, -1)
+    assert torch.allclose(shares(0.8, 0, 1.0), p, atol=0.01)
+    top3 = torch.softmax(logits[0, :3].double(), -1)
+    got = shares(1.0, 3, 1.0)
+    assert torch.allclose(got[:3], top3, atol=0.01) and got[3:].sum() == 0
+    # top-p 0.7 over softmax(logits) = 0.56, 0.21, 0.13, ...: the smallest set holding 0.7 is the first two
+    two = torch.softmax(logits[0, :2].double(), -1)
+    got = shares(1.0, 0, 0.7)
+    assert torch.allclose(got[:2], two, atol=0.01) and got[2:].sum() == 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from .distributed import generation_model, zero3_engine
 from .losses import IGNORE_INDEX
@@ -64,20 +65,49 @@ def row_bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-class StepSeeds(LogitsProcessor):
-    """Re-seeds the sampling RNG before each token's draw, from a stream of seeds that `seed` starts.
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic): a counter-based hash, the same on every
+    device, whatever the shape it is applied to."""
+    z = z * -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * -7723592293110705685  # 0x94D049BB133111EB
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
 
-    HF draws a step's tokens with one `torch.multinomial` over the batch, which fills a rows x vocab tensor from the
-    RNG in order (an exponential per entry): a row's draw depends only on the rows before it, but how far the RNG
-    advances depends on all of them, and with it every later step's draws. Re-seeded every step, a row's samples do
-    not depend on the rows after it: the dummy rows of a compiled shape leave the real rows' samples as they are."""
 
-    def __init__(self, seed: int):
-        self.seeds = torch.Generator().manual_seed(seed)
+class RowSeededDraw(LogitsProcessor):
+    """Draws every row's next token from its own random numbers, and leaves HF's draw a single choice.
 
-    def __call__(self, input_ids, scores):
-        torch.manual_seed(int(torch.randint(2**62, (), generator=self.seeds)))
-        return scores
+    HF samples a step's tokens with one `torch.multinomial` over the batch, which takes its random numbers from
+    the global stream in order: a row's anchor would depend on the rows beside it, their number and order, so the
+    same pair would get another anchor when its micro-batch is sampled alone or with others (another split over
+    processes, a refresh window, the dummy rows of a compiled shape). Here each row draws by the Gumbel-max trick,
+    argmax(scores + Gumbel noise), which samples exactly from softmax(scores); the noise of a (row, token,
+    vocabulary entry) is a hash of the row's own seed, how many tokens it has generated, and the entry. A row's
+    anchor then depends on its context and seed alone. Runs last: `scores` are the warped ones (temperature,
+    top-k, top-p); the chosen entry is returned as 0 and every other as -inf, so HF's own draw can only pick it."""
+
+    def __init__(self, row_seeds: torch.Tensor, context_width: int):
+        self.row_seeds, self.context_width = row_seeds, context_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seeds = self.row_seeds.to(scores.device)
+        seeds = torch.cat([seeds, seeds[:1].expand(scores.shape[0] - len(seeds))])  # dummy rows: any seed
+        token = input_ids.shape[1] - self.context_width
+        entries = torch.arange(scores.shape[1], device=scores.device)
+        keys = mix64(mix64(seeds * 1_000_003 + token)[:, None] + entries[None, :])
+        uniform = (((keys >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53  # in (0, 1)
+        choice = (scores.double() - torch.log(-torch.log(uniform))).argmax(dim=-1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
+
+
+def sampling_processors(temperature: float, top_k: int, top_p: float, row_seeds: torch.Tensor,
+                        context_width: int) -> LogitsProcessorList:
+    """HF's own warpers, in HF's order, then the per-row draw. Passed as `logits_processor`, with generate's own
+    warpers turned off: HF runs a custom processor before its warpers, and the draw must see the warped scores."""
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    return LogitsProcessorList([*warpers, RowSeededDraw(row_seeds, context_width)])
 
 
 class DummyRowsDone(StoppingCriteria):
@@ -109,12 +139,13 @@ def per_layer_gathering(model) -> bool:
 
 @torch.no_grad()
 def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float, top_k: int, top_p: float, seed: int, zero3_weights: str = "auto",
+             temperature: float, top_k: int, top_p: float, seed: int | list[int], zero3_weights: str = "auto",
              compile: bool = False) -> list[torch.Tensor]:
     """Sample one continuation per context with the KV cache; each ends at its first EOS (kept) or
-    after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible:
-    the sampling RNG is seeded from `seed` (every token, `StepSeeds`) without disturbing the global RNG. Under
-    ZeRO-3 `zero3_weights` says how the partitioned weights are had (distributed.generation_model).
+    after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible, and each
+    row on its own (`RowSeededDraw`): `seed` is one per context, or one int from which row i takes seed + i; the
+    global RNG is not disturbed. Under ZeRO-3 `zero3_weights` says how the partitioned weights are had
+    (distributed.generation_model).
 
     `compile`: HF's static KV cache and compiled decode step, the rows padded with dummy rows to a bucket; the
     same samples as without, up to the compiled kernels' rounding. Eager under ZeRO-3's per-layer gathering."""
@@ -130,10 +161,12 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
                 torch.random.fork_rng(devices=devices):
             compiled = compile and not per_layer_gathering(model)
             ids, mask = left_pad(contexts + contexts[:1] * (rows - real) if compiled else contexts, pad_id)
+            seeds = torch.tensor(seed if isinstance(seed, list) else [seed + i for i in range(real)])
             out = sampler.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k,
-                top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-                use_cache=True, synced_gpus=synced, logits_processor=LogitsProcessorList([StepSeeds(seed)]),
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                synced_gpus=synced,
+                logits_processor=sampling_processors(temperature, top_k, top_p, seeds, ids.shape[1]),
                 **(static_cache(length, real) if compiled else {}),
             )
     finally:
@@ -150,20 +183,23 @@ def anchor_batch(batch: Batch, model, anchor_cfg: DictConfig, *, pad_id: int, eo
     """Generate one anchor per pair and collate them like training rows (right-padded, labels on the
     anchor response: for `chosen_prefix` that is the copied prefix and the sampled rest)."""
     return sample_anchors([batch], model, anchor_cfg, pad_id=pad_id, eos_id=eos_id, max_length=max_length,
-                          seed=seed)[0]
+                          seeds=[seed])[0]
 
 
 def sample_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_id: int, eos_id: int,
-                   max_length: int, seed: int) -> list[Batch]:
-    """`anchor_batch` for several collated batches at once: one batched generation over all their pairs (what
-    `anchor.refresh_every` > 1 uses for the micro-batches of several steps), one anchor batch per input batch."""
+                   max_length: int, seeds: list[int]) -> list[Batch]:
+    """`anchor_batch` for several collated batches at once, `seeds` one per batch: one batched generation over all
+    their pairs (the micro-batches of a step, or of several with `anchor.refresh_every`), one anchor batch per
+    input batch; each pair's anchor the one `anchor_batch` would give its batch alone with the same seed (the
+    rows draw apart: `RowSeededDraw`), up to the rounding of another batch shape."""
     contexts = [anchor_contexts(b, anchor_cfg.source, anchor_cfg.prefix_fraction) for b in batches]
     flat = [c for per_batch in contexts for c in per_batch]
+    row_seeds = [s * 1_000_003 + i for s, per_batch in zip(seeds, contexts) for i in range(len(per_batch))]
     room = max_length - max(len(c) for c in flat)  # an anchor is no longer than a training row
     sampled = iter(generate(model, flat, pad_id=pad_id, eos_id=eos_id,
                             max_new_tokens=max(1, min(anchor_cfg.max_new_tokens, room)),
                             temperature=anchor_cfg.temperature, top_k=anchor_cfg.top_k, top_p=anchor_cfg.top_p,
-                            seed=seed, zero3_weights=anchor_cfg.zero3_weights,
+                            seed=row_seeds, zero3_weights=anchor_cfg.zero3_weights,
                             compile=compiled_sampling(anchor_cfg.compile, flat[0].device)))
     return [_collate_anchors([torch.cat([c, next(sampled)]) for c in per_batch],
                              [int(n) for n in b["prompt_lengths"][:len(per_batch)]], pad_id, b["input_ids"].device)
@@ -187,11 +223,12 @@ ANCHOR_KEY = "anchor_"  # a micro-batch may carry anchors sampled ahead of its s
 
 
 def attach_anchors(batches: list[Batch], model, anchor_cfg: DictConfig, *, pad_id: int, eos_id: int,
-                   max_length: int, seed: int) -> None:
-    """Sample the anchors of every batch in `batches` now, in one generation, and store them in each batch
-    (`anchor_*` keys), for `batch_loss` to use instead of sampling its own."""
+                   max_length: int, seeds: list[int]) -> None:
+    """Sample the anchors of every batch in `batches` now, in one generation (`seeds`: one per batch, those its
+    `batch_loss` would sample with), and store them in each batch (`anchor_*` keys), for `batch_loss` to use
+    instead of sampling its own."""
     for batch, anchors in zip(batches, sample_anchors(batches, model, anchor_cfg, pad_id=pad_id, eos_id=eos_id,
-                                                      max_length=max_length, seed=seed)):
+                                                      max_length=max_length, seeds=seeds)):
         batch.update({ANCHOR_KEY + k: v for k, v in anchors.items()})
 
 

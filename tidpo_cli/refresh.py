@@ -52,10 +52,12 @@ def window_size(loss_cfg: DictConfig, step: int, steps: int, chosen: int | None)
     return min(k - (step - first) % k, steps - step + 1)
 
 
-def sampled_ahead(loss_cfg: DictConfig, size: int) -> bool:
-    """Whether the loop samples the anchors of a window of `size` steps itself, at once, rather than each loss its
-    own: a window of several steps, and under `auto` every window, so that the probe times like with like."""
-    return anchored(loss_cfg) and (size > 1 or loss_cfg.anchor.refresh_every == "auto")
+def sampled_ahead(loss_cfg: DictConfig) -> bool:
+    """Whether the loop samples a window's anchors itself, in one generation over all its micro-batches, rather than
+    each micro-batch's loss its own: always, where there are anchors. The micro-batches of one step share the
+    policy's weights, so sampling them together changes no anchor (each row draws on its own: anchors.RowSeededDraw)
+    and takes one generation per step instead of one per micro-batch."""
+    return anchored(loss_cfg)
 
 
 def record(loss_cfg: DictConfig, timings: dict[str, float], step: int, size: int, seconds: float) -> int | None:

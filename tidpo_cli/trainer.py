@@ -120,6 +120,12 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     return dist.sum_metrics(sums).means(prefix="eval/")
 
 
+def step_seed(cfg: DictConfig, step: int, world: int) -> int:
+    """The seed of a step's random parts (anchors, random importance); micro-batch j of rank r adds j * world + r,
+    so a step can be replayed on resume, whatever the split of its micro-batches over processes."""
+    return (cfg.seed + 1) * 1_000_003 + step * cfg.trainer.grad_accum * world
+
+
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
     if cfg.trainer.max_steps is not None:
         return cfg.trainer.max_steps
@@ -232,15 +238,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         while state.step < steps:
             step = state.step + 1
             started = time.perf_counter()
-            # Each step and micro-batch gets its own seed for sampling, so a step can be replayed on resume.
-            seed = (cfg.seed + 1) * 1_000_003 + step * t.grad_accum * dist.world
+            seed = step_seed(cfg, step, dist.world)
             if not ahead:
                 size = window_size(cfg.loss, step, steps, state.anchor_window)
                 ahead = [take_step() for _ in range(size)]
-                if sampled_ahead(cfg.loss, size):  # anchor.refresh_every: the window's anchors, sampled now at once
+                if sampled_ahead(cfg.loss):  # all micro-batches of the window (refresh_every: its steps), in one generation
                     began = time.perf_counter()
+                    # Each micro-batch with the seed its own loss would sample with (accumulate_gradients)
+                    seeds = [step_seed(cfg, step + k, dist.world) + j * dist.world + dist.rank
+                             for k, (micro, _) in enumerate(ahead) for j in range(len(micro))]
                     attach_anchors([b for micro, _ in ahead for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
-                                   eos_id=ids.eos, max_length=ids.max_length, seed=seed + dist.rank)
+                                   eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
                     if cfg.loss.anchor.refresh_every == "auto" and state.anchor_window is None:
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
