@@ -14,6 +14,11 @@ from .packing import pack_pairs
 Batch = dict[str, torch.Tensor]
 
 
+def uses_anchors(loss_cfg: DictConfig) -> bool:
+    """Whether this loss samples anchors: TI-DPO with a triplet term (gamma > 0)."""
+    return loss_cfg.name == "tidpo" and bool(loss_cfg.gamma)
+
+
 def anchor_contexts(batch: Batch, source: str, prefix_fraction: float) -> list[torch.Tensor]:
     """What each anchor is generated from, one 1-D id tensor per pair: the prompt (`source: prompt`), or
     the prompt and the first `prefix_fraction` of the chosen response (`source: chosen_prefix`).

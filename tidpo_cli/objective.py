@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from .anchors import anchor_batch, attached_anchors, with_anchors
+from .anchors import anchor_batch, attached_anchors, uses_anchors, with_anchors
 from .distributed import extra_backward
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
@@ -122,7 +122,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     pairs = slice(0, 2 * half)  # the chosen and rejected rows; anchors, when sampled, follow as rows 2B..3B
 
     rows = batch
-    anchored = loss_cfg.name == "tidpo" and loss_cfg.gamma and with_anchor
+    anchored = uses_anchors(loss_cfg) and with_anchor
     if anchored:
         # Sampled before the loss's forward, from the same weights, so the anchors ride in that forward (after
         # their pair's prompt when it is shared) instead of forwards of their own.

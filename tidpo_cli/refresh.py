@@ -18,7 +18,11 @@ import math
 
 from omegaconf import DictConfig
 
+from .anchors import uses_anchors
+
 PROBE = (1, 2, 1, 2)           # auto's first windows, in steps
+STARTS = {sum(PROBE[:i]) + 1: size for i, size in enumerate(PROBE)}  # first step -> size: {1: 1, 2: 2, 4: 1, 5: 2}
+PROBE_END = sum(PROBE)
 TIMED = {4: "one", 5: "two"}   # the probe windows timed (by their first step): the second of each shape
 FIXED_SHARE = 0.1
 
@@ -31,41 +35,27 @@ def pick_window(one: float, two: float, max_age: int) -> int:
     return min(max_age + 1, math.ceil(fixed / (FIXED_SHARE * one) - 1e-9))  # 3.0000000000000004 is 3
 
 
-def anchored(loss_cfg: DictConfig) -> bool:
-    return loss_cfg.name == "tidpo" and bool(loss_cfg.gamma)
-
-
 def window_size(loss_cfg: DictConfig, step: int, steps: int, chosen: int | None) -> int:
     """Steps whose anchors are sampled together at `step` (1 without anchors). Fixed k: windows start at steps
     1, k + 1, 2k + 1, ... . `auto`: the probe's windows, then windows of `chosen` (the picked k, None while unknown:
     then 1) from the step after the probe. A run resumed inside a window samples the rest of it anew."""
     k = loss_cfg.anchor.refresh_every
-    if not anchored(loss_cfg):
+    if not uses_anchors(loss_cfg):
         return 1
     first = 1
     if k == "auto":
-        ends = [sum(PROBE[:i + 1]) for i in range(len(PROBE))]
-        for end in ends:
-            if step <= end:
-                return min(end - step + 1, steps - step + 1)
-        k, first = chosen or 1, ends[-1] + 1
+        for start, size in STARTS.items():
+            if step < start + size:
+                return min(start + size - step, steps - step + 1)
+        k, first = chosen or 1, PROBE_END + 1
     return min(k - (step - first) % k, steps - step + 1)
-
-
-def sampled_ahead(loss_cfg: DictConfig) -> bool:
-    """Whether the loop samples a window's anchors itself, in one generation over all its micro-batches, rather than
-    each micro-batch's loss its own: always, where there are anchors. The micro-batches of one step share the
-    policy's weights, so sampling them together changes no anchor (each row draws on its own: anchors.RowSeededDraw)
-    and takes one generation per step instead of one per micro-batch."""
-    return anchored(loss_cfg)
 
 
 def record(loss_cfg: DictConfig, timings: dict[str, float], step: int, size: int, seconds: float) -> int | None:
     """Under `auto`, before a window is picked: keep the time of a timed probe window (a whole one: a window cut
     short by a resume is not timed) in `timings`; the picked window once both times are known, else None. A run
     resumed past the probe without them keeps windows of 1."""
-    starts = dict(zip((sum(PROBE[:i]) + 1 for i in range(len(PROBE))), PROBE))
-    if step in TIMED and size == starts[step]:
+    if step in TIMED and size == STARTS[step]:
         timings[TIMED[step]] = seconds
     if {"one", "two"} <= timings.keys():
         return pick_window(timings["one"], timings["two"], loss_cfg.anchor.max_age)

@@ -22,11 +22,11 @@ from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, sav
 from .errors import UserError
 from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
-from .anchors import attach_anchors
+from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
 from .objective import TokenIds, batch_loss, loss_items
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
-from .refresh import PROBE, record, sampled_ahead, window_size
+from .refresh import PROBE_END, record, window_size
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
 
@@ -78,7 +78,7 @@ def accumulate_gradients(policy, reference, micro_batches: list[Batch], loss_cfg
     for index, batch in enumerate(micro_batches):
         with autocast():
             loss_sum, metrics = batch_loss(policy, reference, batch, loss_cfg, ids,
-                                           seed=seed + index * dist.world + dist.rank)
+                                           seed=micro_seed(seed, index, dist))
         loss = loss_sum / items * dist.world
         if engine is None:
             loss.backward()
@@ -121,9 +121,14 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
 
 
 def step_seed(cfg: DictConfig, step: int, world: int) -> int:
-    """The seed of a step's random parts (anchors, random importance); micro-batch j of rank r adds j * world + r,
-    so a step can be replayed on resume, whatever the split of its micro-batches over processes."""
+    """The seed of a step's random parts (anchors, random importance), so a step can be replayed on resume."""
     return (cfg.seed + 1) * 1_000_003 + step * cfg.trainer.grad_accum * world
+
+
+def micro_seed(seed: int, index: int, dist: Dist) -> int:
+    """The seed of this rank's micro-batch `index` in the step of `seed`: the same whatever the split of a step's
+    micro-batches over processes (micro-batch j of rank r is the step's (j * world + r)-th)."""
+    return seed + index * dist.world + dist.rank
 
 
 def total_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
@@ -234,31 +239,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                  if k % dist.world == dist.rank]
         return micro, (stream.epoch, stream.position)
 
+    def sample_window(step: int, window: list[tuple[list, tuple[int, int]]]) -> None:
+        """The anchors of every micro-batch of the window's steps in one generation: a step's micro-batches share
+        the policy's weights, so this changes no anchor (each row draws on its own, anchors.RowSeededDraw), and
+        takes one generation per window instead of one per micro-batch. Each micro-batch samples with the seed its
+        loss would use. Under refresh_every=auto, the probe's generations are timed here."""
+        began = time.perf_counter()
+        seeds = [micro_seed(step_seed(cfg, step + k, dist.world), j, dist)
+                 for k, (micro, _) in enumerate(window) for j in range(len(micro))]
+        attach_anchors([b for micro, _ in window for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
+                       eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
+        if cfg.loss.anchor.refresh_every != "auto" or state.anchor_window is not None:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = dist.sum([time.perf_counter() - began])[0] / dist.world  # every rank picks alike
+        state.anchor_window = record(cfg.loss, state.anchor_timings, step, len(window), seconds)
+        if state.anchor_window is not None:
+            log.info("loss.anchor.refresh_every=auto: windows of %d steps from step %d (sampling one step's anchors "
+                     "took %.3f s, two steps' at once %.3f s; loss.anchor.max_age=%d)", state.anchor_window,
+                     PROBE_END + 1, state.anchor_timings["one"], state.anchor_timings["two"],
+                     cfg.loss.anchor.max_age)
+
     try:
         while state.step < steps:
             step = state.step + 1
             started = time.perf_counter()
             seed = step_seed(cfg, step, dist.world)
             if not ahead:
-                size = window_size(cfg.loss, step, steps, state.anchor_window)
-                ahead = [take_step() for _ in range(size)]
-                if sampled_ahead(cfg.loss):  # all micro-batches of the window (refresh_every: its steps), in one generation
-                    began = time.perf_counter()
-                    # Each micro-batch with the seed its own loss would sample with (accumulate_gradients)
-                    seeds = [step_seed(cfg, step + k, dist.world) + j * dist.world + dist.rank
-                             for k, (micro, _) in enumerate(ahead) for j in range(len(micro))]
-                    attach_anchors([b for micro, _ in ahead for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
-                                   eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
-                    if cfg.loss.anchor.refresh_every == "auto" and state.anchor_window is None:
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        seconds = dist.sum([time.perf_counter() - began])[0] / dist.world  # the ranks pick alike
-                        state.anchor_window = record(cfg.loss, state.anchor_timings, step, size, seconds)
-                        if state.anchor_window is not None:
-                            log.info("loss.anchor.refresh_every=auto: windows of %d steps from step %d (sampling one "
-                                     "step's anchors took %.3f s, two steps' at once %.3f s; loss.anchor.max_age=%d)",
-                                     state.anchor_window, sum(PROBE) + 1, state.anchor_timings["one"],
-                                     state.anchor_timings["two"], cfg.loss.anchor.max_age)
+                ahead = [take_step() for _ in range(window_size(cfg.loss, step, steps, state.anchor_window))]
+                if uses_anchors(cfg.loss):
+                    sample_window(step, ahead)
             micro_batches, read_to = ahead.pop(0)
             sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids, seed=seed,
                                         autocast=autocast, engine=engine, dist=dist)
