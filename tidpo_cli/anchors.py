@@ -15,8 +15,8 @@ Batch = dict[str, torch.Tensor]
 
 
 def uses_anchors(loss_cfg: DictConfig) -> bool:
-    """Whether this loss samples anchors: TI-DPO with a triplet term (gamma > 0)."""
-    return loss_cfg.name == "tidpo" and bool(loss_cfg.gamma)
+    """Whether this loss samples anchors: a pairwise loss with TI-DPO's triplet term (gamma > 0)."""
+    return loss_cfg.name != "sft" and bool(loss_cfg.gamma)
 
 
 def anchor_contexts(batch: Batch, source: str, prefix_fraction: float) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
     MissingMandatoryValue,
@@ -109,7 +109,7 @@ class DataConfig:
 
 @dataclass
 class ImportanceConfig:
-    mode: str = key(one_of("gradient", "uniform", "random"))
+    mode: str = key(one_of("none", "gradient", "uniform", "random"))
     span: str = key(one_of("response", "prompt_response"))
     prior: str = key(one_of("gaussian", "none"))
     normalize: str = key(one_of("sum", "softmax"))
@@ -137,13 +137,57 @@ class AnchorConfig:
     compile: Any = key(one_of("auto", True, False))
 
 
+def loss_types(v: Any) -> Optional[str]:
+    from .losses import PAIR_LOSSES
+
+    names = list(v) if isinstance(v, (list, tuple, ListConfig)) else [v]
+    bad = [n for n in names if n not in PAIR_LOSSES]
+    if bad or not names:
+        return "a name or a list of names from " + ", ".join(PAIR_LOSSES)
+    return None
+
+
+def weight_list(v: Any) -> Optional[str]:
+    ok = isinstance(v, (list, tuple, ListConfig)) and all(isinstance(w, (int, float)) and w >= 0 for w in v)
+    return None if ok else "a list of non-negative numbers, one per loss.type (or null: all 1)"
+
+
+@dataclass
+class SimpoConfig:
+    gamma: float = key(at_least(0))
+
+
+@dataclass
+class CpoConfig:
+    alpha: float = key(at_least(0))
+
+
+@dataclass
+class TpoConfig:
+    alpha: float = key(at_least(0))
+
+
+@dataclass
+class KtoConfig:
+    desirable_weight: float = key(above(0))
+    undesirable_weight: float = key(above(0))
+
+
 @dataclass
 class LossConfig:
-    name: str = key(one_of("sft", "dpo", "ipo", "tdpo", "tidpo"))
+    name: str = key(one_of("sft", "dpo", "ipo", "tdpo", "tidpo", "simpo", "cpo", "orpo", "tpo", "kto"))
     beta: float = key(above(0))
+    type: Any = key(loss_types)
+    weights: Optional[Any] = key(weight_list)
+    reference_free: bool = key()
     label_smoothing: float = key(in_range(0.0, 0.5))
+    discopop_tau: float = key(above(0))
     alpha: float = key(at_least(0))
     gamma: float = key(at_least(0))
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    cpo: CpoConfig = field(default_factory=CpoConfig)
+    tpo: TpoConfig = field(default_factory=TpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     triplet: TripletConfig = field(default_factory=TripletConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
@@ -254,15 +298,7 @@ def _nested_schema(f: dataclasses.Field) -> type | None:
 
 
 def _check_relations(cfg: DictConfig) -> None:
-    loss = cfg.loss
-    if loss.alpha and loss.name not in ("tdpo", "tidpo"):
-        raise ConfigError(f"loss.alpha={loss.alpha} (the TDPO KL weight) applies to loss=tdpo or tidpo, "
-                          f"not loss.name={loss.name}: set loss.alpha=0 or pick one of those losses")
-    if loss.gamma and loss.name != "tidpo":
-        raise ConfigError(f"loss.gamma={loss.gamma} (the triplet weight) applies to loss=tidpo presets only, "
-                          f"not loss.name={loss.name}: set loss.gamma=0 or pick a tidpo preset")
-    if loss.label_smoothing and loss.name in ("sft", "ipo"):
-        raise ConfigError(f"loss.label_smoothing applies to sigmoid losses (dpo, tdpo, tidpo), not {loss.name}")
+    _check_loss(cfg.loss)
     d = cfg.data
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
@@ -289,6 +325,45 @@ def _check_relations(cfg: DictConfig) -> None:
         raise ConfigError("model.name_or_path or model.config must be set (a model to load or one to build)")
     if cfg.model.name_or_path is None and cfg.model.tokenizer is None:
         raise ConfigError("model.tokenizer is required when the model is built from model.config (e.g. byte)")
+
+
+def _check_loss(loss: DictConfig) -> None:
+    """The loss keys that only some losses read (loss_specs.py says which loss reads what)."""
+    from .loss_specs import DPO_FAMILY, types_of
+    from .losses import SMOOTHED
+
+    family = loss.name in DPO_FAMILY
+    types = types_of(loss)
+    if loss.name == "sft":
+        for key_name, value, default in (("alpha", loss.alpha, 0), ("gamma", loss.gamma, 0),
+                                         ("label_smoothing", loss.label_smoothing, 0),
+                                         ("importance.mode", loss.importance.mode, "none")):
+            if value != default:
+                raise ConfigError(f"loss.{key_name}={value} does not apply to loss=sft (it trains on the chosen "
+                                  f"responses alone): set loss.{key_name}={default} or pick a preference loss")
+    if not family and (types != ["sigmoid"] or loss.weights is not None):
+        raise ConfigError(f"loss.type / loss.weights (TRL's DPO loss family) apply to loss=dpo, ipo, tdpo or "
+                          f"tidpo, not loss={loss.name}: leave them at their defaults")
+    if loss.weights is not None and len(loss.weights) != len(types):
+        raise ConfigError(f"loss.weights has {len(loss.weights)} values for {len(types)} loss.type entries "
+                          f"({', '.join(types)}): give one weight per type")
+    if loss.alpha and not (family and types == ["sigmoid"]):
+        raise ConfigError(f"loss.alpha={loss.alpha} (TDPO's KL weight) applies to the sigmoid loss of dpo, tdpo or "
+                          f"tidpo, not loss={loss.name} loss.type={types}: set loss.alpha=0")
+    if loss.alpha and loss.reference_free:
+        raise ConfigError("loss.alpha (TDPO's KL to the reference) needs a reference: set loss.reference_free=false")
+    if loss.reference_free and not family:
+        raise ConfigError(f"loss.reference_free applies to the DPO family (dpo, ipo, tdpo, tidpo); loss={loss.name} "
+                          "is reference-free or needs its reference by definition")
+    if loss.label_smoothing and family and not set(types) & set(SMOOTHED):
+        raise ConfigError(f"loss.label_smoothing is read by loss.type {', '.join(SMOOTHED)} only, not {types}")
+    if loss.label_smoothing and loss.name in ("orpo", "kto"):
+        raise ConfigError(f"loss.label_smoothing does not apply to loss={loss.name}: set it to 0")
+    if family and "exo_pair" in types and not loss.label_smoothing:
+        raise ConfigError("loss.type=exo_pair needs loss.label_smoothing > 0 (its target is [1 - eps, eps]; EXO's "
+                          "authors use 1e-3)")
+    if family and "robust" in types and loss.label_smoothing >= 0.5:
+        raise ConfigError("loss.type=robust needs loss.label_smoothing < 0.5")
 
 
 def describe_omegaconf_error(e: OmegaConfBaseException) -> str:

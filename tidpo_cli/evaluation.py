@@ -25,6 +25,7 @@ from .data.splits import load_splits
 from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
+from .loss_specs import needs_reference
 from .trained import Trained, load_hf, load_trained, locate, reference_source
 
 TABLE = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -74,7 +75,8 @@ def eval_main(argv: list[str]) -> None:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
         if cfg.trainer.precision == "bf16" else nullcontext
     trained = load_trained(args.model, device)
-    reference, reference_name = load_reference(args.reference, trained, device)
+    reference, reference_name = (load_reference(args.reference, trained, device) if needs_reference(cfg.loss)
+                                 else (None, f"none ({cfg.loss.name} is reference-free)"))
 
     splits = load_splits(cfg.data, trained.tokenizer, seed=cfg.seed, held_out_only=args.split == "eval")
     pairs = splits.eval if args.split == "eval" else splits.train

@@ -5,6 +5,9 @@ Shapes: B pairs, N = 2B rows (chosen rows first), T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -153,3 +156,169 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     gradient accumulation gives the same update as one large batch.
     """
     return -(logps * mask).sum()
+
+
+# --- TRL's DPO loss family (trl 1.16 DPOConfig.loss_type), each a function of one pair's sequence scores --------------
+
+@dataclass(frozen=True)
+class PairScores:
+    """What a pairwise loss reads, [B] each: the (token-weighted) summed log-probs of the chosen and rejected
+    responses under the policy and the reference (0 for a reference-free loss), their token counts, `delta` (the
+    chosen log-ratio minus the rejected one, less TDPO's KL term when there is one) and `nll` (the chosen
+    responses' mean next-token NLL, one value expanded to [B]); `kto_kl` (a scalar) KTO's reference point."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
+    delta: torch.Tensor
+    nll: torch.Tensor | None = None
+    kto_kl: torch.Tensor | None = None
+
+    @property
+    def chosen_ratio(self) -> torch.Tensor:
+        return self.chosen - self.ref_chosen
+
+    @property
+    def rejected_ratio(self) -> torch.Tensor:
+        return self.rejected - self.ref_rejected
+
+
+def _sigmoid(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    return sigmoid_preference_loss(s.delta, beta, eps)
+
+
+def _hinge(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """SLiC (Zhao et al. 2023): max(0, 1 - beta * delta)."""
+    return F.relu(1 - beta * s.delta)
+
+
+def _ipo(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023) on token-averaged log-ratios."""
+    return ipo_loss(s.chosen_ratio / s.chosen_len.clamp(min=1), s.rejected_ratio / s.rejected_len.clamp(min=1), beta)
+
+
+def _exo_pair(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """EXO (Ji et al. 2024, Eq. 16): KL(softmax(beta * ratios) || [1 - eps, eps]) over the pair; eps > 0."""
+    z = beta * s.delta
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+def _nca_pair(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """NCA (Chen et al. 2024), pairwise."""
+    c, r = beta * s.chosen_ratio, beta * s.rejected_ratio
+    return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+
+
+def _robust(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024): unbiased under label noise eps < 0.5."""
+    z = beta * s.delta
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+def _bco_pair(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """BCO (Jung et al. 2024), pairwise, as TRL 1.16 (no running reward baseline)."""
+    return -F.logsigmoid(beta * s.chosen_ratio) - F.logsigmoid(-beta * s.rejected_ratio)
+
+
+def _sppo_hard(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """SPPO (Wu et al. 2024) with hard win probabilities (1 for the chosen, 0 for the rejected)."""
+    return (s.chosen_ratio - 0.5 / beta) ** 2 + (s.rejected_ratio + 0.5 / beta) ** 2
+
+
+def _aot(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """AOT (Melnyk et al. 2024), paired: the batch's sorted policy log-odds against the sorted reference ones.
+    Couples the examples of one micro-batch (as TRL: of one device's batch)."""
+    delta = torch.sort(s.chosen - s.rejected).values - torch.sort(s.ref_chosen - s.ref_rejected).values
+    return sigmoid_preference_loss(delta, beta, eps)
+
+
+def _aot_unpaired(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """AOT, unpaired: the batch's sorted chosen log-ratios against its sorted rejected ones."""
+    delta = torch.sort(s.chosen_ratio).values - torch.sort(s.rejected_ratio).values
+    return sigmoid_preference_loss(delta, beta, eps)
+
+
+def _apo_zero(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): raise the chosen likelihood, lower the rejected."""
+    return 1 - torch.sigmoid(beta * s.chosen_ratio) + torch.sigmoid(beta * s.rejected_ratio)
+
+
+def _apo_down(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """APO-down (Eq. 8): lower both, the rejected more."""
+    return torch.sigmoid(beta * s.chosen_ratio) + 1 - torch.sigmoid(beta * (s.chosen_ratio - s.rejected_ratio))
+
+
+def _discopop(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """DiscoPOP (Chris Lu et al. 2024, Eq. 5): logistic and exponential losses blended by sigmoid(z / tau)."""
+    z = beta * s.delta
+    mix = torch.sigmoid(z / tau)
+    return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+
+
+def _sft_term(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """The chosen responses' mean NLL (the same value for every pair)."""
+    return s.nll
+
+
+def _sigmoid_norm(s: PairScores, beta: float, eps: float, tau: float) -> torch.Tensor:
+    """The sigmoid loss on token-averaged log-ratios."""
+    return -F.logsigmoid(beta * (s.chosen_ratio / s.chosen_len.clamp(min=1)
+                                 - s.rejected_ratio / s.rejected_len.clamp(min=1)))
+
+
+# name -> per-pair loss [B]; `delta` carries TDPO's KL term, which only `sigmoid` accepts (config.py says so).
+PAIR_LOSSES = {
+    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "exo_pair": _exo_pair, "nca_pair": _nca_pair,
+    "robust": _robust, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "aot": _aot, "aot_unpaired": _aot_unpaired,
+    "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop, "sft": _sft_term,
+    "sigmoid_norm": _sigmoid_norm,
+}
+# The types whose formula reads loss.label_smoothing.
+SMOOTHED = ("sigmoid", "exo_pair", "robust", "aot", "aot_unpaired")
+
+
+def pair_loss(s: PairScores, types: list[str], weights: list[float], beta: float, label_smoothing: float = 0.0,
+              discopop_tau: float = 0.05) -> torch.Tensor:
+    """sum_k weights[k] * PAIR_LOSSES[types[k]] per pair [B] (TRL's loss_type list with loss_weights)."""
+    total = 0.0
+    for name, weight in zip(types, weights, strict=True):
+        total = total + weight * PAIR_LOSSES[name](s, beta, label_smoothing, discopop_tau)
+    return total
+
+
+# --- reference-free and unpaired losses -----------------------------------------------------------------------------
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, Eq. 6) per pair [B]: -log sigmoid(beta * (avg log pi(y_w) - avg log pi(y_l)) - gamma),
+    from token-averaged policy log-probs [B]; gamma in reward units, as TRL's `simpo_gamma`."""
+    return sigmoid_preference_loss(chosen_avg - rejected_avg - gamma / beta, beta, label_smoothing)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012: switch at -log 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_log_odds(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, Eq. 4-6): log odds(y_w) - log odds(y_l) per pair [B], odds(y) = P / (1 - P) with P
+    the token-averaged probability exp(avg log pi(y))."""
+    return (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+
+
+def kto_losses(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, kl: torch.Tensor, beta: float,
+               desirable_weight: float, undesirable_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, Eq. 7-8): per desirable example [Bd] w_d * (1 - sigmoid(beta * (r - z0))) and per
+    undesirable example [Bu] w_u * (1 - sigmoid(beta * (z0 - r))), r the summed log-ratio, z0 = `kl` the (detached)
+    reference point: the batch's mismatched-pair KL estimate, at least 0."""
+    return (desirable_weight * (1 - torch.sigmoid(beta * (chosen_ratio - kl))),
+            undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected_ratio))))
+
+
+def mean_nll(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean next-token NLL over the masked tokens (CPO's, ORPO's and TPO's NLL term; TRL's `sft` type):
+    logps, mask [N, T] -> scalar."""
+    return -(logps * mask).sum() / mask.sum().clamp(min=1)

@@ -14,7 +14,9 @@ from .anchors import anchor_batch, attached_anchors, uses_anchors, with_anchors
 from .distributed import extra_backward
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
-from .losses import ipo_loss, left_align, response_mask, sft_loss, tdpo_loss, token_kl, token_logps, triplet_terms
+from .loss_specs import needs_nll, needs_reference, spec_of
+from .losses import (IGNORE_INDEX, PairScores, left_align, mean_nll, response_mask, sft_loss, token_kl, token_logps,
+                     triplet_terms)
 from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
 from .tracking import MetricSums
 
@@ -114,9 +116,13 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
 
     `seed` drives the random parts (anchor sampling, random importance) so a step can be replayed.
     `with_anchor=False` leaves the triplet term out (evaluation: no sampling on held-out data).
+    What is computed follows what the loss declares (loss_specs.py): no reference forward for a reference-free
+    loss, the NLL only where it is read, KTO's mismatched rows only for KTO; token weights and the triplet term
+    for any pairwise loss that asks for them.
     """
     if loss_cfg.name == "sft":
         return _sft(policy, batch)
+    spec = spec_of(loss_cfg)
     metrics = MetricSums()
     half = batch["input_ids"].shape[0] // 2
     pairs = slice(0, 2 * half)  # the chosen and rejected rows; anchors, when sampled, follow as rows 2B..3B
@@ -131,60 +137,39 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         rows = with_anchors(batch, anchors, ids.pad)
     width = batch["input_ids"].shape[1]  # the pairs' own width; `rows` may be wider
 
-    weights = forwarded = None
-    if loss_cfg.name == "tidpo":
-        span = response_mask(batch["labels"]) if loss_cfg.importance.span == "response" else batch["attention_mask"]
-        imp = loss_cfg.importance
-        if fused_pass(policy, imp):
-            # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
-            # evaluation, whose forwards keep no graph.
-            forwarded = forward_from_embeddings(policy, rows)
-            with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
-                raw = saliency_from_forward(forwarded[3], saliency_targets(policy, forwarded[4], rows, pairs))
-            raw = unpacked(raw, rows)[pairs, :width]
-            result = mix_weights(raw, span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
-                                 normalize=imp.normalize)
-        elif imp.mode == "gradient" and is_packed(batch):
-            raw = gradient_saliency(policy, batch["packed_ids"], **model_inputs(policy, batch),
-                                    targets=last_positions_packed(batch))
-            result = mix_weights(unpack(raw, batch), span, lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
-                                 normalize=imp.normalize)
-        else:
-            result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
-                                     lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior,
-                                     normalize=imp.normalize, generator=torch.Generator().manual_seed(seed))
-        metrics.add(weight_stats(result.weights, span), count=2 * half)
-        metrics.add_total("importance/fallbacks", result.fallbacks)
-        weights = torch.nn.functional.pad(result.weights, (0, rows["input_ids"].shape[1] - width))
-
+    weights, forwarded = token_weights(policy, batch, rows, loss_cfg.importance, pairs, width, seed, metrics)
     logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows)
-    with torch.no_grad():
-        ref_logits, ref_logps, _ = forward(reference, rows)
-    ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T]
-    pair_ratios = ratios[pairs]
-    margins = (pair_ratios * weights).sum(-1) if weights is not None else pair_ratios.sum(-1)  # M(y) [2B]
-    pair_mask = mask[pairs]
-
-    if loss_cfg.name == "ipo":
-        per_token = margins / pair_mask.sum(-1).clamp(min=1)
-        losses = ipo_loss(per_token[:half], per_token[half:], loss_cfg.beta)
-        chosen_rewards, rejected_rewards = loss_cfg.beta * margins[:half].detach(), loss_cfg.beta * margins[half:].detach()
+    ref_logits = None
+    if needs_reference(loss_cfg):
+        with torch.no_grad():
+            ref_logits, ref_logps, _ = forward(reference, rows)
     else:
-        alpha = loss_cfg.alpha if loss_cfg.name in ("tdpo", "tidpo") else 0.0
-        kl = (token_kl(unpacked(ref_logits, rows)[pairs], unpacked(logits, rows)[pairs],
-                       rows["labels"][pairs]).sum(-1) if alpha else torch.zeros_like(margins))
-        losses, chosen_rewards, rejected_rewards = tdpo_loss(
-            margins[:half], margins[half:], kl[:half], kl[half:], beta=loss_cfg.beta, alpha=alpha,
-            label_smoothing=loss_cfg.label_smoothing)
-        if alpha:
-            metrics.add({"kl/chosen": kl[:half].sum().item(), "kl/rejected": kl[half:].sum().item()}, count=half)
+        ref_logps = torch.zeros_like(logps)
+    ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T] (log-probs for a reference-free loss)
+    pair_mask = mask[pairs]
+    w = weights[:, :ratios.shape[1]] if weights is not None else pair_mask
+    policy_sums, ref_sums = (logps[pairs] * w * pair_mask).sum(-1), (ref_logps[pairs] * w * pair_mask).sum(-1)
+    lengths = pair_mask.sum(-1)
+
+    delta = (policy_sums[:half] - ref_sums[:half]) - (policy_sums[half:] - ref_sums[half:])
+    if loss_cfg.alpha:  # TDPO's sequential KL (needs both models' whole distributions)
+        kl = token_kl(unpacked(ref_logits, rows)[pairs], unpacked(logits, rows)[pairs],
+                      rows["labels"][pairs]).sum(-1)
+        delta = delta - loss_cfg.alpha * (kl[half:] - kl[:half].detach())
+        metrics.add({"kl/chosen": kl[:half].sum().item(), "kl/rejected": kl[half:].sum().item()}, count=half)
     del ref_logits
-    loss_sum = losses.sum()
+    scores = PairScores(
+        chosen=policy_sums[:half], rejected=policy_sums[half:], ref_chosen=ref_sums[:half],
+        ref_rejected=ref_sums[half:], chosen_len=lengths[:half], rejected_len=lengths[half:], delta=delta,
+        nll=mean_nll(logps[:half], mask[:half]).expand(half) if needs_nll(loss_cfg) else None,
+        kto_kl=kto_reference_point(policy, reference, batch, ids.pad) if spec.kto_rows else None)
+    out = spec.compute(scores, loss_cfg)
+    loss_sum = out.losses.sum()
 
     if anchored:
         d, d_mask = left_align(ratios[2 * half:], mask[2 * half:])
-        b, b_mask = left_align(pair_ratios[:half], pair_mask[:half])
-        c, c_mask = left_align(pair_ratios[half:], pair_mask[half:])
+        b, b_mask = left_align(ratios[:half], pair_mask[:half])
+        c, c_mask = left_align(ratios[half:2 * half], pair_mask[half:])
         terms = triplet_terms(d, d_mask, b, b_mask, c, c_mask, loss_cfg.triplet.margin)
         loss_sum = loss_sum + loss_cfg.gamma * terms["loss"].sum()
         metrics.add({
@@ -195,6 +180,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
             "anchor/length": float(mask[2 * half:].sum()),
         }, count=half)
 
+    chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
     metrics.add({
         "loss": loss_sum.item(),
         "rewards/chosen": chosen_rewards.sum().item(),
@@ -203,8 +189,76 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
         "logps/chosen": (logps[:half] * mask[:half]).sum().item(),
         "logps/rejected": (logps[half:2 * half] * mask[half:2 * half]).sum().item(),
+        **{name: float(value.detach().sum() if value.dim() else value.detach() * half) for name, value in out.metrics.items()},
     }, count=half)
+    add_logit_means(metrics, logits, rows, mask, half)
     return loss_sum, metrics
+
+
+def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: slice, width: int, seed: int,
+                  metrics: MetricSums):
+    """(weights [2B, rows' width] or None, the loss's forward when the fused pass ran it, else None): TI-DPO's
+    token weights (loss.importance), for any pairwise loss; None with `loss.importance.mode=none`."""
+    if imp.mode == "none":
+        return None, None
+    span = response_mask(batch["labels"]) if imp.span == "response" else batch["attention_mask"]
+    forwarded = None
+    mixing = dict(lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior, normalize=imp.normalize)
+    if fused_pass(policy, imp):
+        # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
+        # evaluation, whose forwards keep no graph.
+        forwarded = forward_from_embeddings(policy, rows)
+        with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
+            raw = saliency_from_forward(forwarded[3], saliency_targets(policy, forwarded[4], rows, pairs))
+        result = mix_weights(unpacked(raw, rows)[pairs, :width], span, **mixing)
+    elif imp.mode == "gradient" and is_packed(batch):
+        raw = gradient_saliency(policy, batch["packed_ids"], **model_inputs(policy, batch),
+                                targets=last_positions_packed(batch))
+        result = mix_weights(unpack(raw, batch), span, **mixing)
+    else:
+        result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
+                                 generator=torch.Generator().manual_seed(seed), **mixing)
+    metrics.add(weight_stats(result.weights, span), count=2 * (pairs.stop // 2))
+    metrics.add_total("importance/fallbacks", result.fallbacks)
+    return torch.nn.functional.pad(result.weights, (0, rows["input_ids"].shape[1] - width)), forwarded
+
+
+def mismatched_rows(batch: Batch, pad_id: int) -> Batch:
+    """KTO's rows for its KL estimate: row j's prompt followed by row j-1's response (cyclically over the 2B
+    unpacked rows, TRL's +1 shift of completions within a batch) -> input_ids / attention_mask / labels [2B, T']."""
+    prompts = [batch["input_ids"][j, :int(batch["prompt_lengths"][j])] for j in range(batch["input_ids"].shape[0])]
+    responses = [row[labels != IGNORE_INDEX] for row, labels in zip(batch["input_ids"], batch["labels"])]
+    responses = responses[-1:] + responses[:-1]
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = batch["input_ids"].new_full((len(prompts), width), pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for j, (prompt, response) in enumerate(zip(prompts, responses)):
+        end = len(prompt) + len(response)
+        input_ids[j, :end] = torch.cat([prompt, response])
+        attention_mask[j, :end] = 1
+        labels[j, len(prompt):end] = response
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def kto_reference_point(policy, reference, batch: Batch, pad_id: int) -> torch.Tensor:
+    """KTO's z0 (scalar, no gradient): the mean over the mismatched rows of log pi(y'|x) - log pi_ref(y'|x), at
+    least 0 (TRL's estimate; here from this process's rows, where TRL also averages over processes)."""
+    rows = mismatched_rows(batch, pad_id)
+    _, logps, mask = forward(policy, rows)
+    _, ref_logps, _ = forward(reference, rows)
+    return ((logps - ref_logps) * mask).sum(-1).mean().clamp(min=0)
+
+
+def add_logit_means(metrics: MetricSums, logits: torch.Tensor, rows: Batch, mask: torch.Tensor, half: int) -> None:
+    """TRL's `logits/chosen` and `logits/rejected`: the mean over the responses' tokens of the mean logit (over the
+    vocabulary) at the position that predicts the token."""
+    with torch.no_grad():
+        means = unpacked(logits.mean(-1, dtype=torch.float32), rows)  # [N, T] position t predicts token t + 1
+        means = torch.nn.functional.pad(means[:, :-1], (1, 0)) * mask
+        for name, part in (("logits/chosen", slice(0, half)), ("logits/rejected", slice(half, 2 * half))):
+            metrics.add({name: means[part].sum().item()}, count=float(mask[part].sum()))
 
 
 def _sft(policy, batch: Batch) -> tuple[torch.Tensor, MetricSums]:

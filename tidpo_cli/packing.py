@@ -68,7 +68,7 @@ def sharing_blocker(loss_cfg, attn_implementation: str) -> str | None:
     if attn_implementation not in SHAREABLE_ATTENTION:
         return (f"model.attn_implementation={attn_implementation} takes no custom attention mask (use sdpa or "
                 "flex_attention)")
-    if loss_cfg.name == "tidpo" and loss_cfg.importance.mode == "gradient" and loss_cfg.importance.span != "response":
+    if loss_cfg.importance.mode == "gradient" and loss_cfg.importance.span != "response":
         return ("loss.importance.span=prompt_response needs each row's own prompt gradient, which a shared prompt "
                 "mixes")
     return None

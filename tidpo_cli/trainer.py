@@ -24,6 +24,7 @@ from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
+from .loss_specs import needs_reference
 from .objective import TokenIds, batch_loss, loss_items
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
 from .refresh import PROBE_END, record, window_size
@@ -169,7 +170,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         # A model built from random weights exists nowhere else: keep it, so `tidpo eval` can use the reference
         # this run used, and a LoRA adapter has its base.
         save_hf_model(policy, tokenizer, run_dir / "reference")
-    policy, reference, peft_model = with_reference(policy, cfg.model, reference=cfg.loss.name != "sft")
+    policy, reference, peft_model = with_reference(policy, cfg.model, reference=needs_reference(cfg.loss))
     if t.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); older releases have only the old one.
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()
