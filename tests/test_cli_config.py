@@ -69,7 +69,8 @@ def test_every_option_of_every_group_composes_and_validates():
     for group, options in groups.items():
         assert options, group
         for option in options:
-            extra = ["data.path=x.jsonl"] if group == "data" and option == "preference" else []
+            extra = {("data", "preference"): ["data.path=x.jsonl"],
+                     ("loss", "tis_dpo"): ["loss.tis.positive_model=p", "loss.tis.negative_model=n"]}.get((group, option), [])
             cfg = compose_config([f"{group}={option}", *extra])
             assert cfg[group] is not None
 

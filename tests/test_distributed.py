@@ -239,3 +239,30 @@ def test_a_non_finite_step_is_skipped_under_deepspeed(tmp_path, zero):
     assert [r["train/skipped_steps"] for r in got] == [0, 0, 1, 1, 1]
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got[3:])  # weights unharmed
     assert "step 3: non-finite loss or gradient" in (tmp_path / "run" / "train.log").read_text()
+
+
+# One preset per shape of the loss family's declarations (loss_specs.py): KTO's mismatched rows, a reference-free
+# length-normalised loss, a weighted list of TRL's DPO types with an NLL term.
+FAMILY = {"kto": ["loss=kto"], "simpo": ["loss=simpo"],
+          "mix": ["loss=dpo", "loss.type=[sigmoid,bco_pair,sft]", "loss.weights=[0.8,0.2,1.0]"]}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_loss_family_under_zero2_matches_one_process(tmp_path, name):
+    """ZeRO-2 on 2 processes against one process with the same global batch, 2 steps: the same losses and
+    log-probs. KTO's reference point and the NLL term are means over a micro-batch, and a process's micro-batch is
+    the one process's (4 pairs), so they agree too. The reference-free loss loads no reference on any rank."""
+    common = [*FAMILY[name], *BASE, "trainer.max_steps=2"]
+    one = run_tidpo(["train", *common, "trainer.grad_accum=2", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*common, *ZERO["zero2"], "trainer.grad_accum=1", f"hydra.run.dir={tmp_path / 'two'}"],
+                   cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    got, want = train_rows(tmp_path / "two"), train_rows(tmp_path / "one")
+    assert [r["step"] for r in got] == [1, 2]
+    for a, b in zip(got, want):
+        for metric in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins", "kl", "nll_loss"):
+            if metric in b:
+                assert a[metric] == pytest.approx(b[metric], abs=1e-4), (a["step"], metric)
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert ("reference: none" in log) == (name == "simpo")

@@ -174,8 +174,19 @@ class KtoConfig:
 
 
 @dataclass
+class TisConfig:
+    positive_model: Optional[str] = key()
+    negative_model: Optional[str] = key()
+    transform: str = key(one_of("rank_based", "threshold_and_scale", "threshold", "binary", "random", "origin"))
+    min_scale: float = key()
+    max_scale: float = key()
+    batch_size: int = key(above(0))
+    cache: Optional[str] = key()
+
+
+@dataclass
 class LossConfig:
-    name: str = key(one_of("sft", "dpo", "ipo", "tdpo", "tidpo", "simpo", "cpo", "orpo", "tpo", "kto"))
+    name: str = key(one_of("sft", "dpo", "ipo", "tdpo", "tidpo", "tis_dpo", "simpo", "cpo", "orpo", "tpo", "kto"))
     beta: float = key(above(0))
     type: Any = key(loss_types)
     weights: Optional[Any] = key(weight_list)
@@ -188,6 +199,7 @@ class LossConfig:
     cpo: CpoConfig = field(default_factory=CpoConfig)
     tpo: TpoConfig = field(default_factory=TpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
+    tis: TisConfig = field(default_factory=TisConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     triplet: TripletConfig = field(default_factory=TripletConfig)
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
@@ -341,6 +353,15 @@ def _check_loss(loss: DictConfig) -> None:
             if value != default:
                 raise ConfigError(f"loss.{key_name}={value} does not apply to loss=sft (it trains on the chosen "
                                   f"responses alone): set loss.{key_name}={default} or pick a preference loss")
+    if loss.name == "tis_dpo":
+        missing = [k for k in ("positive_model", "negative_model") if not loss.tis[k]]
+        if missing:
+            raise ConfigError(f"loss=tis_dpo needs loss.tis.{missing[0]}: the {missing[0].split('_')[0]} contrastive "
+                              "model (README: TIS-DPO recipe, e.g. RUN/final of loss=dpo on the data and of loss=dpo "
+                              "data.flip_labels=1.0)")
+        if loss.importance.mode != "none":
+            raise ConfigError("loss=tis_dpo takes its token weights from its contrastive models: set "
+                              "loss.importance.mode=none")
     if not family and (types != ["sigmoid"] or loss.weights is not None):
         raise ConfigError(f"loss.type / loss.weights (TRL's DPO loss family) apply to loss=dpo, ipo, tdpo or "
                           f"tidpo, not loss={loss.name}: leave them at their defaults")

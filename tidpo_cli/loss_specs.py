@@ -34,6 +34,7 @@ class LossSpec:
     nll: bool = False           # reads the chosen responses' mean NLL
     kto_rows: bool = False      # scores KTO's mismatched (prompt, other completion) rows for its reference point
     length_normalized: bool = False  # its log-probs are token averages (length-normalised rewards)
+    tis: bool = False           # token weights from a pair of contrastive models, estimated before training (tis.py)
 
 
 def types_of(cfg: DictConfig) -> list[str]:
@@ -101,6 +102,7 @@ SPECS: dict[str, LossSpec] = {
     "ipo": LossSpec(**_DPO, source="Azar et al. 2023 (TRL loss_type ipo)"),
     "tdpo": LossSpec(**_DPO, source="Zeng et al. 2024 (TDPO2)"),
     "tidpo": LossSpec(**_DPO, source="arXiv 2505.19653"),
+    "tis_dpo": LossSpec(**_DPO, source="Liu et al. 2025 (ICLR), code github.com/exlaw/TIS-DPO", tis=True),
     "simpo": LossSpec(_simpo, "Meng et al. 2024 (TRL CPOTrainer loss_type simpo)", reference=False,
                       length_normalized=True),
     "cpo": LossSpec(_cpo, "Xu et al. 2024 (TRL CPOTrainer)", reference=False, nll=True),

@@ -198,7 +198,10 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
 def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: slice, width: int, seed: int,
                   metrics: MetricSums):
     """(weights [2B, rows' width] or None, the loss's forward when the fused pass ran it, else None): TI-DPO's
-    token weights (loss.importance), for any pairwise loss; None with `loss.importance.mode=none`."""
+    token weights (loss.importance), for any pairwise loss; the batch's precomputed ones (TIS-DPO) where it has
+    them; None with `loss.importance.mode=none`."""
+    if "token_weights" in batch:
+        return torch.nn.functional.pad(batch["token_weights"], (0, rows["input_ids"].shape[1] - width)), None
     if imp.mode == "none":
         return None, None
     span = response_mask(batch["labels"]) if imp.span == "response" else batch["attention_mask"]

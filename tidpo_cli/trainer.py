@@ -24,7 +24,8 @@ from .data.batches import BatchStream, eval_batches
 from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
-from .loss_specs import needs_reference
+from . import tis
+from .loss_specs import needs_reference, spec_of
 from .objective import TokenIds, batch_loss, loss_items
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
 from .refresh import PROBE_END, record, window_size
@@ -165,12 +166,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
              f" ({round(cfg.data.flip_labels * len(splits.train))} with chosen and rejected swapped: data.flip_labels)"
              if cfg.data.flip_labels else "", len(splits.eval))
 
+    if spec_of(cfg.loss).tis if cfg.loss.name != "sft" else False:
+        tis.prepare(cfg.loss.tis, splits, run_dir, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                    device=device, dist=dist, log=log)
     policy = load_policy(cfg.model, tokenizer).to(device)
     if dist.main and cfg.model.name_or_path is None and not (run_dir / "reference").exists():
         # A model built from random weights exists nowhere else: keep it, so `tidpo eval` can use the reference
         # this run used, and a LoRA adapter has its base.
         save_hf_model(policy, tokenizer, run_dir / "reference")
     policy, reference, peft_model = with_reference(policy, cfg.model, reference=needs_reference(cfg.loss))
+    if reference is None:
+        log.info("reference: none (loss=%s reads no reference model's log-probs)", cfg.loss.name)
     if t.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); older releases have only the old one.
         (getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable)()

@@ -26,6 +26,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
       labels         [2B, T] long  input_ids on response tokens, -100 on prompt and padding (NOT shifted:
                                    the training loop shifts)
       prompt_lengths [2B]    long  prompt tokens in each row (row i and row B+i share a prompt)
+    token_weights  [2B, T] float the pairs' precomputed response token weights where they have them (TIS-DPO),
+                                 aligned with labels, 0 elsewhere
     and with `share_prompt` the packed layout of packing.pack_pairs (`packed_*`: one row per pair).
     """
     _check(pairs, pad_id)
@@ -44,6 +46,14 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
         prompt_lengths[row] = start
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
              "prompt_lengths": prompt_lengths}
+    if pairs[0].token_weights is not None:
+        weights = torch.zeros((rows, width), dtype=torch.float32)
+        sides = [p.token_weights[0] for p in pairs] + [p.token_weights[1] for p in pairs]
+        for row, ((prompt, response), side) in enumerate(zip(sequences, sides)):
+            if len(side) != len(response):
+                raise ValueError(f"{len(side)} token weights for a response of {len(response)} tokens")
+            weights[row, len(prompt):len(prompt) + len(response)] = torch.tensor(side, dtype=torch.float32)
+        batch["token_weights"] = weights
     if share_prompt:
         batch.update(pack_pairs(input_ids, attention_mask, prompt_lengths, pad_id))
     return batch

@@ -41,3 +41,5 @@ class TokenizedPair:
     rejected_ids: list[int]
     where: str
     truncated: bool
+    # Precomputed per-token weights of the responses (TIS-DPO: tis.py), one per response token, or None.
+    token_weights: tuple[tuple[float, ...], tuple[float, ...]] | None = None
