@@ -179,3 +179,28 @@ def test_tis_dpo_reads_the_pairs_precomputed_weights(parts):
 def test_loss_keys_that_do_not_apply_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         compose_config(overrides)
+
+
+def test_tis_dpo_recipe_end_to_end_and_its_cache(tmp_path, caplog):
+    """The README's recipe: two contrastive models trained with tidpo itself (loss=dpo on the data and on its
+    flipped labels), then loss=tis_dpo with them. The weights are estimated once, before training, into the cache;
+    a second run given the same cache reads them back instead of estimating again."""
+    from tidpo_cli.trainer import train
+
+    caplog.set_level("INFO", logger="tidpo")
+
+    quick = [*QUICK, "trainer.max_steps=2"]
+    train(compose_config([*quick, "loss=dpo"]), tmp_path / "pos")
+    train(compose_config([*quick, "loss=dpo", "data.flip_labels=1.0"]), tmp_path / "neg")
+    tis = [*quick, "loss=tis_dpo", f"loss.tis.positive_model={tmp_path / 'pos' / 'final'}",
+           f"loss.tis.negative_model={tmp_path / 'neg' / 'final'}"]
+    caplog.clear()
+    metrics = train(compose_config(tis), tmp_path / "tis")
+    assert math.isfinite(metrics["eval/loss"])
+    assert "TIS-DPO token weights of 112 pairs" in caplog.text  # 96 training + 16 held-out pairs
+    cache = tmp_path / "tis" / "tis_weights.json"
+    assert cache.exists()
+    caplog.clear()
+    train(compose_config([*tis, f"loss.tis.cache={cache}"]), tmp_path / "again")
+    assert "TIS-DPO token weights" not in caplog.text and "pairs:" in caplog.text
+    assert not (tmp_path / "again" / "tis_weights.json").exists()

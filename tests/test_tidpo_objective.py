@@ -12,7 +12,8 @@ from tidpo_cli.modeling import frozen_copy, load_policy, load_tokenizer
 from tidpo_cli.objective import TokenIds, batch_loss
 from tidpo_cli.trainer import train
 
-PRESETS = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml") if p.stem != "base")
+# tis_dpo needs two trained contrastive models: test_loss_composition.py runs its recipe end to end.
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml") if p.stem not in ("base", "tis_dpo"))
 
 
 def setup(loss_overrides):
