@@ -1,5 +1,6 @@
 """`tidpo train` as a Hydra application: help, --cfg job, and one clear line for every config mistake."""
 
+import re
 import subprocess
 import sys
 
@@ -127,3 +128,11 @@ def test_a_gpu_asked_for_where_there_is_none_is_one_clear_line(tmp_path):
         pytest.skip("this machine has a GPU")
     result = run_tidpo(["train", "trainer.device=cuda", "data.synthetic.num_train=64", "data.eval_size=8"], cwd=tmp_path)
     assert_one_line_error(result, "trainer.device=cuda", "CUDA is not available")
+
+
+def test_train_help_lists_every_loss_preset():
+    out = subprocess.run([sys.executable, "-m", "tidpo_cli.cli", "train", "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    listed = out[out.index("Losses (loss=NAME"):out.index("Config groups")]
+    for preset in sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml") if p.stem != "base"):
+        assert re.search(rf"\b{preset}\b", listed), preset

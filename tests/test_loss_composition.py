@@ -95,7 +95,14 @@ def test_cpo_and_orpo_against_their_formulas(parts):
     expected = sum(-F.logsigmoid(beta * (sums[i] - sums[PAIRS + i])) + cfg.loss.cpo.alpha * nll for i in range(PAIRS))
     assert cpo.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["nll_loss"] == pytest.approx(nll.item(), rel=1e-5)
-    orpo, _, cfg = loss_of(parts, ["loss=orpo"], reference=None)
+    orpo, metrics, cfg = loss_of(parts, ["loss=orpo"], reference=None)
+    # ORPO's NLL covers each chosen row's prompt tokens too (after the first token), as TRL's and its authors'
+    with torch.no_grad():
+        full = token_logps(policy(input_ids=batch["input_ids"][:PAIRS]).logits, batch["input_ids"][:PAIRS])
+    attended = batch["attention_mask"][:PAIRS].clone()
+    attended[:, 0] = 0
+    nll = -(full * attended).sum() / attended.sum()
+    assert metrics["nll_loss"] == pytest.approx(nll.item(), rel=1e-5)
     avg = sums / lengths
     odds = [a - math.log(1 - math.exp(a)) for a in avg.tolist()]  # log(P / (1 - P)), P = exp(avg log-prob)
     expected = sum(nll.item() - cfg.loss.beta * math.log(1 / (1 + math.exp(-(odds[i] - odds[PAIRS + i]))))

@@ -32,6 +32,7 @@ class LossSpec:
     source: str
     reference: bool = True      # reads the reference's log-probs (False: no reference is loaded or run)
     nll: bool = False           # reads the chosen responses' mean NLL
+    nll_with_prompt: bool = False  # ... over the prompt's tokens too (ORPO, as its authors' code and TRL)
     kto_rows: bool = False      # scores KTO's mismatched (prompt, other completion) rows for its reference point
     length_normalized: bool = False  # its log-probs are token averages (length-normalised rewards)
     tis: bool = False           # token weights from a pair of contrastive models, estimated before training (tis.py)
@@ -106,7 +107,7 @@ SPECS: dict[str, LossSpec] = {
     "simpo": LossSpec(_simpo, "Meng et al. 2024 (TRL CPOTrainer loss_type simpo)", reference=False,
                       length_normalized=True),
     "cpo": LossSpec(_cpo, "Xu et al. 2024 (TRL CPOTrainer)", reference=False, nll=True),
-    "orpo": LossSpec(_orpo, "Hong et al. 2024 (TRL ORPOTrainer)", reference=False, nll=True,
+    "orpo": LossSpec(_orpo, "Hong et al. 2024 (TRL ORPOTrainer)", reference=False, nll=True, nll_with_prompt=True,
                      length_normalized=True),
     "tpo": LossSpec(_tpo, "Saeidi et al. 2024 (TRL experimental TPOTrainer)", reference=False, nll=True),
     "kto": LossSpec(_kto, "Ethayarajh et al. 2024 (TRL KTOTrainer)", kto_rows=True),

@@ -161,7 +161,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     scores = PairScores(
         chosen=policy_sums[:half], rejected=policy_sums[half:], ref_chosen=ref_sums[:half],
         ref_rejected=ref_sums[half:], chosen_len=lengths[:half], rejected_len=lengths[half:], delta=delta,
-        nll=mean_nll(logps[:half], mask[:half]).expand(half) if needs_nll(loss_cfg) else None,
+        nll=chosen_nll(logits, logps, mask, rows, half, spec.nll_with_prompt) if needs_nll(loss_cfg) else None,
         kto_kl=kto_reference_point(policy, reference, batch, ids.pad) if spec.kto_rows else None)
     out = spec.compute(scores, loss_cfg)
     loss_sum = out.losses.sum()
@@ -181,14 +181,16 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
         }, count=half)
 
     chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+    # The log-probs logged: summed (unweighted), token-averaged for the length-normalised losses (as TRL logs them)
+    logged = (logps[pairs] * pair_mask).sum(-1) / (lengths.clamp(min=1) if spec.length_normalized else 1)
     metrics.add({
         "loss": loss_sum.item(),
         "rewards/chosen": chosen_rewards.sum().item(),
         "rewards/rejected": rejected_rewards.sum().item(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum().item(),
         "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
-        "logps/chosen": (logps[:half] * mask[:half]).sum().item(),
-        "logps/rejected": (logps[half:2 * half] * mask[half:2 * half]).sum().item(),
+        "logps/chosen": logged[:half].sum().item(),
+        "logps/rejected": logged[half:].sum().item(),
         **{name: float(value.detach().sum() if value.dim() else value.detach() * half) for name, value in out.metrics.items()},
     }, count=half)
     add_logit_means(metrics, logits, rows, mask, half)
@@ -224,6 +226,16 @@ def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: sli
     metrics.add(weight_stats(result.weights, span), count=2 * (pairs.stop // 2))
     metrics.add_total("importance/fallbacks", result.fallbacks)
     return torch.nn.functional.pad(result.weights, (0, rows["input_ids"].shape[1] - width)), forwarded
+
+
+def chosen_nll(logits, logps, mask, rows: Batch, half: int, with_prompt: bool) -> torch.Tensor:
+    """The chosen responses' mean next-token NLL, expanded to [B]; `with_prompt`: over every attended token of the
+    chosen rows after the first, prompt included (ORPO's, as its authors' code and TRL's ORPOTrainer; the batch
+    layout is then unpacked: packing.sharing_blocker)."""
+    if not with_prompt:
+        return mean_nll(logps[:half], mask[:half]).expand(half)
+    labels = rows["input_ids"][:half].masked_fill(rows["attention_mask"][:half] == 0, IGNORE_INDEX)
+    return mean_nll(token_logps(logits[:half], labels), response_mask(labels)).expand(half)
 
 
 def mismatched_rows(batch: Batch, pad_id: int) -> Batch:

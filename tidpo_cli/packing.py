@@ -65,6 +65,10 @@ def sharing_blocker(loss_cfg, attn_implementation: str) -> str | None:
     """Why prompt sharing cannot be used for this loss and attention kernel (None: it can)."""
     if loss_cfg.name == "sft":
         return "SFT scores the chosen responses only"
+    from .loss_specs import SPECS
+
+    if SPECS[loss_cfg.name].nll_with_prompt:
+        return f"loss={loss_cfg.name}'s NLL scores each chosen row's own prompt tokens"
     if attn_implementation not in SHAREABLE_ATTENTION:
         return (f"model.attn_implementation={attn_implementation} takes no custom attention mask (use sdpa or "
                 "flex_attention)")
