@@ -136,3 +136,18 @@ def test_train_help_lists_every_loss_preset():
     listed = out[out.index("Losses (loss=NAME"):out.index("Config groups")]
     for preset in sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml") if p.stem != "base"):
         assert re.search(rf"\b{preset}\b", listed), preset
+
+
+@pytest.mark.parametrize("experiment, jobs", [("paper_table1", 16), ("paper_table1_demo", 48)])
+def test_paper_table1_sweep_composes_every_job(tmp_path, experiment, jobs):
+    """`tidpo train -m +experiment=paper_table1 --cfg job` prints every job's config (Hydra alone refuses -m with
+    --cfg): every loss the paper's Table 1 and Table 2 name that tidpo has (x 3 seeds in the demo)."""
+    result = run_tidpo(["train", "-m", f"+experiment={experiment}", "--cfg", "job"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = re.findall(r"^loss:\n  name: (\w+)", result.stdout, flags=re.M)
+    assert len(names) == jobs and f"# {jobs} jobs" in result.stderr
+    expected = {"sft", "dpo", "ipo", "kto", "simpo", "tdpo", "cpo", "tpo", "tidpo", "tis_dpo"}
+    assert expected <= set(names) and "cdpo" not in names  # cdpo is dpo with label smoothing
+    assert result.stdout.count("label_smoothing: 0.1") == jobs // 16
+    assert "job 15 would stop: loss=tis_dpo needs loss.tis.positive_model" in result.stderr or jobs != 16
+    assert not list(tmp_path.iterdir())  # nothing ran, no run directory

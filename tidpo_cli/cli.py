@@ -91,6 +91,51 @@ def _discard_if_empty(run_dir: Path) -> None:
             parent.rmdir()
 
 
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of every job `tidpo train -m ARGS` would run: the experiment's `hydra.sweeper.params` and the
+    command line's comma lists (the command line wins for a key in both), expanded as Hydra's basic sweeper does."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = parser.parse_overrides([a for a in args if "=" in a])
+    fixed = [o.input_line for o in given if not o.is_sweep_override()]
+    swept = {o.key_or_group: [f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
+             for o in given if o.is_sweep_override()}
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        hydra_cfg = compose(config_name="train", overrides=fixed, return_hydra_config=True).hydra
+    for key, values in (hydra_cfg.sweeper.get("params") or {}).items():
+        if key not in swept and not any(o.key_or_group == key for o in given):
+            override = parser.parse_overrides([f"{key}={values}"])[0]
+            swept[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+    return [fixed + list(combo) for combo in itertools.product(*swept.values())]
+
+
+def print_sweep(args: list[str]) -> None:
+    """`tidpo train -m ... --cfg job`: every job's composed config, one after another (Hydra itself refuses -m with
+    --cfg). A job whose config would stop before training says why, on stderr."""
+    from omegaconf import OmegaConf
+
+    from .config import validate
+
+    rest = [a for a in args if a not in ("-m", "--multirun", "--cfg", "-c", "job", "all")]
+    jobs = sweep_jobs(rest)
+    for number, overrides in enumerate(jobs):
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        print(f"# job {number}: {' '.join(o for o in overrides if o not in rest)}")
+        print(OmegaConf.to_yaml(cfg))
+        try:
+            validate(cfg)
+        except UserError as e:
+            print(f"tidpo: job {number} would stop: {e}", file=sys.stderr)
+    print(f"# {len(jobs)} jobs", file=sys.stderr)
+
+
 def run_train(args: list[str]) -> None:
     import hydra
     from hydra.errors import HydraException
@@ -98,6 +143,13 @@ def run_train(args: list[str]) -> None:
 
     # Let errors reach us instead of Hydra's own report, so a user's mistake is one line with exit code 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if {"-m", "--multirun"} & set(args) and {"--cfg", "-c"} & set(args):
+        try:
+            return print_sweep(args)
+        except (HydraException, OmegaConfBaseException) as e:
+            if not _is_composition_error(e):
+                raise
+            fail(_one_line(e))
     entry = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_train_job)
     sys.argv = ["tidpo train", *args, *_shared_run_dir(args)]
     try:
