@@ -501,7 +501,7 @@ def rows_file(work):
     return path
 
 
-def tidpo_overrides(loss: list[str], model_dir, rows_file) -> list[str]:
+def tidpo_overrides(loss: list[str], model_dir, rows_file, batch: int = BATCH) -> list[str]:
     return [
         *loss,
         f"model.name_or_path={model_dir}", "model.tokenizer=null", "model.dtype=float32",
@@ -509,7 +509,7 @@ def tidpo_overrides(loss: list[str], model_dir, rows_file) -> list[str]:
         "data=preference", f"data.path={rows_file}", f"data.max_length={MAX_LENGTH}",
         f"data.max_prompt_length={MAX_PROMPT_LENGTH}", "data.eval_size=0", "data.shuffle=false",
         "data.group_by_length=0",
-        f"trainer.micro_batch_size={BATCH}", "trainer.grad_accum=1", f"trainer.max_steps={STEPS}",
+        f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1", f"trainer.max_steps={STEPS}",
         "trainer.optimizer=adamw", f"trainer.lr={LR}", "trainer.weight_decay=0.0", "trainer.schedule=constant",
         "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", "trainer.precision=fp32",
         "trainer.gradient_checkpointing=false", "trainer.share_prompt=false", "trainer.eval_before=false",
@@ -567,6 +567,9 @@ CASES = {
     "kto": (["loss=kto", "loss.beta=0.1", "loss.kto.desirable_weight=1.0", "loss.kto.undesirable_weight=1.5"],
             KTOTrainer, KTOConfig, dict(beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)),
 }
+# The same KTO run with tidpo reading the unpaired rows TRL reads (data.format=unpaired, auto-detected): 2B examples
+# a step, in the same order, so the same steps as the paired run.
+CASES["kto_unpaired"] = CASES["kto"]
 
 
 @pytest.fixture(scope="module")
@@ -576,7 +579,12 @@ def tidpo_run(work, model_dir, rows_file):
 
     def run(case: str) -> list[dict]:
         if case not in cache:
-            cfg = compose_config(tidpo_overrides(CASES[case][0], model_dir, rows_file))
+            data, batch = rows_file, BATCH
+            if case == "kto_unpaired":
+                data, batch = work / "unpaired.jsonl", 2 * BATCH
+                data.write_text("".join(json.dumps(r) + "\n" for r in kto_rows(ROWS, BATCH)))
+            detect = ["data.format=auto"] if case == "kto_unpaired" else []  # auto-detected as unpaired
+            cfg = compose_config(tidpo_overrides(CASES[case][0], model_dir, data, batch) + detect)
             run_dir = work / "tidpo" / case
             run_dir.mkdir(parents=True)
             train(cfg, run_dir)
@@ -593,13 +601,14 @@ def trl_run(work, model_dir):
     cache: dict[str, dict] = {}
 
     def run(case: str) -> dict:
+        case = "kto" if case == "kto_unpaired" else case  # TRL reads the same unpaired rows either way
         if case not in cache:
             _, trainer_cls, config_cls, fields = CASES[case]
             load = dict(dtype=torch.float32, attn_implementation="sdpa")
             policy = AutoModelForCausalLM.from_pretrained(model_dir, **load)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             extra, batch = {}, BATCH
-            if case == "kto":
+            if case in ("kto", "kto_unpaired"):
                 rows, batch = kto_rows(ROWS, BATCH), 2 * BATCH
                 extra["ref_model"] = AutoModelForCausalLM.from_pretrained(model_dir, **load)
             elif case == "tpo":
@@ -660,6 +669,8 @@ EXPECTED = {
     "simpo": {**same(COMMON), **averaged_logps("simpo")},
     "tpo": same(COMMON + SUMMED),
     "kto": {**same(COMMON + SUMMED), "kl": "kl"},
+    # unpaired rows have no pairs, so no per-pair margin (TRL's rewards/margins is the difference of the two means)
+    "kto_unpaired": {**same(("loss", "grad_norm", "rewards/chosen", "rewards/rejected") + SUMMED), "kl": "kl"},
 }
 
 

@@ -91,7 +91,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    format: str = key(one_of("auto", "hh_rlhf", "prompt_chosen_rejected", "conversational", "synthetic"))
+    format: str = key(one_of("auto", "hh_rlhf", "prompt_chosen_rejected", "conversational", "unpaired",
+                                       "synthetic"))
     path: Optional[str] = key()
     split: Optional[str] = key()
     eval_path: Optional[str] = key()

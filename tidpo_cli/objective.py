@@ -15,8 +15,8 @@ from .distributed import extra_backward
 from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
                          saliency_from_forward, weight_stats)
 from .loss_specs import needs_nll, needs_reference, spec_of
-from .losses import (IGNORE_INDEX, PairScores, left_align, mean_nll, response_mask, sft_loss, token_kl, token_logps,
-                     triplet_terms)
+from .losses import (IGNORE_INDEX, PairScores, kto_losses, left_align, mean_nll, response_mask, sft_loss, token_kl,
+                     token_logps, triplet_terms)
 from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
 from .tracking import MetricSums
 
@@ -104,7 +104,10 @@ def chosen_rows(batch: Batch) -> Batch:
 
 
 def loss_items(batch: Batch, loss_name: str) -> int:
-    """What one step's loss is averaged over: response tokens for SFT, pairs for preference losses."""
+    """What one step's loss is averaged over: response tokens for SFT, examples for unpaired data (KTO), pairs
+    for preference losses."""
+    if "desirable" in batch:
+        return batch["input_ids"].shape[0]
     if loss_name == "sft":
         return int(response_mask(chosen_rows(batch)["labels"]).sum())
     return batch["input_ids"].shape[0] // 2
@@ -122,6 +125,8 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     """
     if loss_cfg.name == "sft":
         return _sft(policy, batch)
+    if "desirable" in batch:
+        return _unpaired_kto(policy, reference, batch, loss_cfg, ids)
     spec = spec_of(loss_cfg)
     metrics = MetricSums()
     half = batch["input_ids"].shape[0] // 2
@@ -282,4 +287,31 @@ def _sft(policy, batch: Batch) -> tuple[torch.Tensor, MetricSums]:
     loss_sum = sft_loss(logps, mask)
     metrics.add({"loss": loss_sum.item()}, count=int(mask.sum()))
     metrics.add({"logps/chosen": (logps * mask).sum().item()}, count=logps.shape[0])
+    return loss_sum, metrics
+
+
+def _unpaired_kto(policy, reference, batch: Batch, loss_cfg: DictConfig,
+                  ids: TokenIds) -> tuple[torch.Tensor, MetricSums]:
+    """KTO on unpaired rows (data.format=unpaired): each row's completion is desirable or not (`desirable` [N]);
+    the loss summed over the rows, z0 from the rows' mismatched completions as for pairs (TRL's KTOTrainer)."""
+    metrics = MetricSums()
+    logits, logps, mask = forward(policy, batch)
+    with torch.no_grad():
+        _, ref_logps, _ = forward(reference, batch)
+    ratio = ((logps - ref_logps) * mask).sum(-1)  # [N]
+    kl = kto_reference_point(policy, reference, batch, ids.pad)
+    good = batch["desirable"]
+    desirable, undesirable = kto_losses(ratio[good], ratio[~good], kl, loss_cfg.beta, loss_cfg.kto.desirable_weight,
+                                        loss_cfg.kto.undesirable_weight)
+    loss_sum = desirable.sum() + undesirable.sum()
+    rewards, sums = loss_cfg.beta * ratio.detach(), (logps * mask).sum(-1).detach()
+    metrics.add({"loss": loss_sum.item(), "kl": kl.item() * len(good)}, count=len(good))
+    for side, rows in (("chosen", good), ("rejected", ~good)):
+        if rows.any():
+            metrics.add({f"rewards/{side}": rewards[rows].sum().item(), f"logps/{side}": sums[rows].sum().item()},
+                        count=int(rows.sum()))
+    with torch.no_grad():
+        means = torch.nn.functional.pad(logits.mean(-1, dtype=torch.float32)[:, :-1], (1, 0)) * mask
+    for side, rows in (("chosen", good), ("rejected", ~good)):
+        metrics.add({f"logits/{side}": means[rows].sum().item()}, count=float(mask[rows].sum()))
     return loss_sum, metrics

@@ -19,8 +19,9 @@ from transformers.utils import logging as hf_logging
 from .config import config_changes
 from .distributed import Dist, build_engine, setup, shard_reference
 from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
-from .errors import UserError
+from .errors import DataError, UserError
 from .data.batches import BatchStream, eval_batches
+from .data.examples import TokenizedExample
 from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
@@ -162,10 +163,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         log.info("data (%s): %s", name, report.summary())
         for line in report.first_skipped:
             log.info("  skipped %s", line)
-    log.info("pairs: %d train%s, %d held out", len(splits.train),
+    log.info("%s: %d train%s, %d held out", "examples" if isinstance(splits.train[0], TokenizedExample) else "pairs",
+             len(splits.train),
              f" ({round(cfg.data.flip_labels * len(splits.train))} with chosen and rejected swapped: data.flip_labels)"
              if cfg.data.flip_labels else "", len(splits.eval))
 
+    if isinstance(splits.train[0], TokenizedExample):
+        check_unpaired(cfg)
+        cfg.trainer.share_prompt = False  # one row per example: nothing to share
     if spec_of(cfg.loss).tis if cfg.loss.name != "sft" else False:
         tis.prepare(cfg.loss.tis, splits, run_dir, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                     device=device, dist=dist, log=log)
@@ -348,6 +353,17 @@ def save_final(engine, policy, peft_model, tokenizer, cfg: DictConfig, run_dir: 
             policy = peft_model.merge_and_unload()  # final/ is a plain HF model: adapter merged into the base
         save_hf_model(policy, tokenizer, run_dir / "final", state_dict=state_dict)
     dist.barrier()
+
+
+def check_unpaired(cfg: DictConfig) -> None:
+    """Unpaired data (prompt / completion / label rows) trains KTO alone, without TI-DPO's parts."""
+    loss = cfg.loss
+    if loss.name != "kto":
+        raise DataError(f"the data is unpaired (prompt, completion and label rows: data.format=unpaired), which "
+                        f"loss=kto trains; loss={loss.name} needs preference pairs (prompt, chosen, rejected)")
+    if loss.gamma or loss.importance.mode != "none":
+        raise DataError("loss=kto on unpaired data takes no token weights or triplet term (they need pairs): set "
+                        "loss.importance.mode=none loss.gamma=0, or train on pairs")
 
 
 def resident_mb() -> float:

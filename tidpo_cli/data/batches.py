@@ -8,7 +8,7 @@ import torch
 
 from ..errors import DataError
 from .collate import collate
-from .examples import TokenizedPair
+from .examples import TokenizedExample, TokenizedPair
 
 
 class BatchStream:
@@ -62,7 +62,10 @@ class BatchStream:
 
 
 def pair_length(pair: TokenizedPair) -> int:
-    """Tokens of a pair with its prompt once (the packed row's length; ranks unpacked rows the same way)."""
+    """Tokens of a pair with its prompt once (the packed row's length; ranks unpacked rows the same way); of an
+    unpaired example, its row's."""
+    if isinstance(pair, TokenizedExample):
+        return len(pair.prompt_ids) + len(pair.completion_ids)
     return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tidpo_cli.data.examples import TokenizedPair
+from tidpo_cli.data.examples import TokenizedExample, TokenizedPair
 from tidpo_cli.losses import IGNORE_INDEX
 from tidpo_cli.packing import pack_pairs
 
@@ -31,6 +31,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
     and with `share_prompt` the packed layout of packing.pack_pairs (`packed_*`: one row per pair).
     """
     _check(pairs, pad_id)
+    if isinstance(pairs[0], TokenizedExample):
+        return collate_unpaired(pairs, pad_id)
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     width = max(len(prompt) + len(response) for prompt, response in sequences)
     rows = len(sequences)
@@ -57,3 +59,20 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
     if share_prompt:
         batch.update(pack_pairs(input_ids, attention_mask, prompt_lengths, pad_id))
     return batch
+
+
+def collate_unpaired(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Unpaired examples (KTO's data), one row each in order, right-padded: input_ids, attention_mask, labels,
+    prompt_lengths [N] as `collate`, and `desirable` [N] bool (the rows' labels). Always one row per example."""
+    rows, width = len(examples), max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        start, end = len(e.prompt_ids), len(e.prompt_ids) + len(e.completion_ids)
+        input_ids[row, :end] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
+        attention_mask[row, :end] = 1
+        labels[row, start:end] = input_ids[row, start:end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_lengths": torch.tensor([len(e.prompt_ids) for e in examples], dtype=torch.long),
+            "desirable": torch.tensor([e.desirable for e in examples], dtype=torch.bool)}

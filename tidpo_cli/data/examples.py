@@ -20,6 +20,17 @@ class PreferenceExample:
     where: str
 
 
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One unpaired example as text (KTO's data: TRL's unpaired preference layout): a `completion` of `prompt`
+    that is `desirable` (label true) or not (label false). `where` as in PreferenceExample."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+    where: str
+
+
 class BadRow(Exception):
     """A row that cannot be used. `str(e)` is a short reason, e.g. "missing key 'rejected'".
 
@@ -43,3 +54,14 @@ class TokenizedPair:
     truncated: bool
     # Precomputed per-token weights of the responses (TIS-DPO: tis.py), one per response token, or None.
     token_weights: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One unpaired example as token ids: `completion_ids` (EOS appended once, unless cut) follow `prompt_ids`."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    where: str
+    truncated: bool

@@ -3,6 +3,8 @@
 - `hh_rlhf`: `chosen` / `rejected` are whole dialogues "\\n\\nHuman: ...\\n\\nAssistant: ..."; the prompt is
   the shared text up to and including the last "\\n\\nAssistant:".
 - `prompt_chosen_rejected`: three strings; responses that repeat the prompt have it stripped.
+- `unpaired`: `prompt` and `completion` strings and a boolean `label` (true: desirable, false: undesirable),
+  TRL's unpaired preference layout, for loss=kto.
 - `conversational`: `chosen` / `rejected` are lists of {"role", "content"} messages, with an optional
   `prompt` (a message list, or a string meaning one user message); rendered with the tokenizer's chat
   template.
@@ -15,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidpo_cli.data.examples import BadRow, PreferenceExample
+from tidpo_cli.data.examples import BadRow, PreferenceExample, UnpairedExample
 from tidpo_cli.data.readers import json_kind
 from tidpo_cli.errors import DataError
 
-FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational")
+FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
 _MAX_KEYS_SHOWN = 8
 
@@ -36,6 +38,8 @@ def detect_format(row: dict) -> str:
     if not isinstance(row, dict):
         raise BadRow(f"row is {json_kind(row)}, expected an object")
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    if "completion" in row and "label" in row and "chosen" not in row:
+        return "unpaired"
     if isinstance(chosen, str) and isinstance(rejected, str):
         if prompt is None:
             return "hh_rlhf"
@@ -48,11 +52,11 @@ def detect_format(row: dict) -> str:
     raise BadRow(
         f"cannot detect the format from keys [{shown}]: expected 'chosen' and 'rejected' as dialogue "
         "strings (hh_rlhf), with a 'prompt' string (prompt_chosen_rejected), or as message lists "
-        "(conversational)"
+        "(conversational); or 'prompt', 'completion' and a true/false 'label' (unpaired)"
     )
 
 
-def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExample:
+def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExample | UnpairedExample:
     """Convert one row of format `fmt` (one of `FORMATS`) into a `PreferenceExample`.
 
     `tokenizer` is only used by the conversational format (its chat template). Raises `BadRow` for a
@@ -64,6 +68,8 @@ def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExa
         _require_chat_template(tokenizer)
     if not isinstance(row, dict):
         raise BadRow(f"row is {json_kind(row)}, expected an object")
+    if fmt == "unpaired":
+        return _unpaired(row, where)
     if fmt == "hh_rlhf":
         prompt, chosen, rejected = _hh_rlhf(row)
     elif fmt == "prompt_chosen_rejected":
@@ -128,6 +134,24 @@ def _prompt_chosen_rejected(row: dict) -> tuple[str, str, str]:
         chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
     _check_texts(prompt, chosen, rejected)
     return prompt, chosen, rejected
+
+
+def _unpaired(row: dict, where: str) -> UnpairedExample:
+    """`prompt` and `completion` strings and a boolean `label`; a completion that repeats the prompt has it
+    stripped, as in prompt_chosen_rejected."""
+    prompt, completion = _string(row, "prompt"), _string(row, "completion")
+    if "label" not in row:
+        raise BadRow("missing key 'label'")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise BadRow(f"'label' is {json_kind(label)}, expected true or false")
+    if prompt and completion.startswith(prompt) and completion != prompt:
+        completion = completion[len(prompt):]
+    if not prompt.strip():
+        raise BadRow("empty 'prompt'")
+    if not completion:
+        raise BadRow("empty 'completion'")
+    return UnpairedExample(prompt=prompt, completion=completion, desirable=label, where=where)
 
 
 def _require_chat_template(tokenizer: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..errors import DataError
-from .examples import TokenizedPair
+from .examples import TokenizedExample, TokenizedPair
 from .prepare import PrepareReport, prepare
 from .readers import read_rows
 from .synthetic import synthetic_rows
@@ -72,8 +72,13 @@ def flip_labels(pairs: list[TokenizedPair], fraction: float, seed: int) -> list[
     if count == 0:
         return pairs
     flipped = set(random.Random(f"flip-{seed}").sample(range(len(pairs)), count))
-    return [replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids) if i in flipped else p
-            for i, p in enumerate(pairs)]
+    return [_flipped(p) if i in flipped else p for i, p in enumerate(pairs)]
+
+
+def _flipped(p: TokenizedPair | TokenizedExample) -> TokenizedPair | TokenizedExample:
+    if isinstance(p, TokenizedExample):  # unpaired: the label is what flips
+        return replace(p, desirable=not p.desirable)
+    return replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids)
 
 
 def _with_eval(splits: Splits, cfg: DictConfig, tokenizer, options: dict) -> Splits:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from tidpo_cli.data.examples import BadRow, PreferenceExample, TokenizedPair
+from tidpo_cli.data.examples import (BadRow, PreferenceExample, TokenizedExample, TokenizedPair,
+                                     UnpairedExample)
 
 # Whether a tokenizer adds BOS on its own, checked once per tokenizer object.
 _ADDS_BOS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
@@ -52,7 +53,8 @@ def _cut_prompt(ids: list[int], limit: int, bos: int | None) -> list[int]:
     return ids[len(ids) - limit:]
 
 
-def tokenize_example(ex: PreferenceExample, tokenizer: Any, max_length: int, max_prompt_length: int) -> TokenizedPair:
+def tokenize_example(ex: PreferenceExample | UnpairedExample, tokenizer: Any, max_length: int,
+                     max_prompt_length: int) -> TokenizedPair | TokenizedExample:
     """Tokenize prompt and responses separately and fit them to the limits.
 
     The prompt gets one BOS in front when the tokenizer normally adds one (never a second, as chat
@@ -73,7 +75,9 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, max_length: int, max
         truncated = True
 
     responses = []
-    for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+    sides = ((("completion", ex.completion),) if isinstance(ex, UnpairedExample)
+             else (("chosen", ex.chosen), ("rejected", ex.rejected)))
+    for side, text in sides:
         ids = _ids(tokenizer, text)
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
@@ -87,6 +91,9 @@ def tokenize_example(ex: PreferenceExample, tokenizer: Any, max_length: int, max
             truncated = True
         responses.append(ids)
 
+    if isinstance(ex, UnpairedExample):
+        return TokenizedExample(prompt_ids=prompt, completion_ids=responses[0], desirable=ex.desirable,
+                                where=ex.where, truncated=truncated)
     return TokenizedPair(
         prompt_ids=prompt, chosen_ids=responses[0], rejected_ids=responses[1], where=ex.where, truncated=truncated
     )
