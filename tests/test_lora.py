@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from helpers import QUICK, compose_config
+from helpers import QUICK, REPO, compose_config
 from tidpo_cli.errors import UserError
 from tidpo_cli.modeling import build_tiny_llama, with_reference
 from tidpo_cli.objective import TokenIds
@@ -116,3 +116,37 @@ def test_bad_lora_settings_are_one_line():
     bad = OmegaConf.merge(LORA, {"target_modules": ["no_such_proj"]})
     with pytest.raises(UserError, match="no_such_proj"):
         with_reference(policy, OmegaConf.create({"lora": bad}))
+
+
+LOSS_PRESETS = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml") if p.stem != "base")
+
+
+@pytest.mark.parametrize("preset", LOSS_PRESETS)
+def test_every_loss_preset_trains_its_adapters(preset):
+    """Two LoRA steps of every loss: finite, the adapters move and no base weight does; the reference-free losses
+    get no reference (not even the adapter-off view). tis_dpo's weights ride in the batch as the pairs give them."""
+    from tidpo_cli.loss_specs import needs_reference
+
+    base = tiny()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    extra = ["loss.tis.positive_model=p", "loss.tis.negative_model=n"] if preset == "tis_dpo" else []
+    cfg = compose_config([f"loss={preset}", "loss.anchor.max_new_tokens=4", *extra])
+    policy, reference, _ = with_reference(base, OmegaConf.create({"lora": LORA}), reference=needs_reference(cfg.loss))
+    assert (reference is None) == (preset in ("simpo", "cpo", "orpo", "tpo", "sft"))
+    batch = preference_batch()
+    if preset == "tis_dpo":
+        batch["token_weights"] = (batch["labels"] != -100).float() * 1.3
+    adapters = [p for p in policy.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in adapters]
+    optimizer = torch.optim.AdamW(adapters, lr=0.05)
+    for step in range(2):
+        sums = accumulate_gradients(policy, reference, [batch], cfg.loss, TokenIds(pad=256, eos=258, max_length=16),
+                                    seed=step)
+        assert torch.isfinite(torch.tensor(sums.means()["loss"]))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(a, b) for a, b in zip(adapters, before))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    for name, p in policy.named_parameters():
+        if name not in trainable:
+            assert torch.equal(p, original[name.replace(".base_layer", "")]), name
