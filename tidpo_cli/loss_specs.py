@@ -68,17 +68,20 @@ def _simpo(s: PairScores, cfg: DictConfig) -> LossOut:
     return LossOut(losses, *_rewards(cfg, chosen, rejected))
 
 
-def _cpo(s: PairScores, cfg: DictConfig) -> LossOut:
+def _sigmoid_and_nll(s: PairScores, cfg: DictConfig, nll_weight: float) -> LossOut:
+    """A reference-free sigmoid term on summed log-probs plus nll_weight x the chosen NLL (CPO; TPO)."""
     preference = sigmoid_preference_loss(s.chosen - s.rejected, cfg.beta, cfg.label_smoothing)
-    return LossOut(preference + cfg.cpo.alpha * s.nll, *_rewards(cfg, s.chosen, s.rejected),
+    return LossOut(preference + nll_weight * s.nll, *_rewards(cfg, s.chosen, s.rejected),
                    metrics={"nll_loss": s.nll})
+
+
+def _cpo(s: PairScores, cfg: DictConfig) -> LossOut:
+    return _sigmoid_and_nll(s, cfg, cfg.cpo.alpha)
 
 
 def _tpo(s: PairScores, cfg: DictConfig) -> LossOut:
     # The gold response is the chosen one (the data carries no third response): TPO's NLL term on y_w.
-    preference = sigmoid_preference_loss(s.chosen - s.rejected, cfg.beta, cfg.label_smoothing)
-    return LossOut(preference + cfg.tpo.alpha * s.nll, *_rewards(cfg, s.chosen, s.rejected),
-                   metrics={"nll_loss": s.nll})
+    return _sigmoid_and_nll(s, cfg, cfg.tpo.alpha)
 
 
 def _orpo(s: PairScores, cfg: DictConfig) -> LossOut:
@@ -113,12 +116,15 @@ SPECS: dict[str, LossSpec] = {
     "kto": LossSpec(_kto, "Ethayarajh et al. 2024 (TRL KTOTrainer)", kto_rows=True),
 }
 DPO_FAMILY = tuple(name for name, spec in SPECS.items() if spec.compute is _dpo_family)
-PAIRWISE = tuple(SPECS)
-NAMES = ("sft", *PAIRWISE)
 
 
 def spec_of(cfg: DictConfig) -> LossSpec:
     return SPECS[cfg.name]
+
+
+def uses_tis(cfg: DictConfig) -> bool:
+    """Whether this loss reads token weights estimated before training by two contrastive models (TIS-DPO)."""
+    return cfg.name in SPECS and SPECS[cfg.name].tis
 
 
 def needs_reference(cfg: DictConfig) -> bool:

@@ -26,7 +26,7 @@ from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
 from . import tis
-from .loss_specs import needs_reference, spec_of
+from .loss_specs import needs_reference, uses_tis
 from .objective import TokenIds, batch_loss, loss_items
 from .modeling import load_policy, load_tokenizer, pick_device, with_reference
 from .refresh import PROBE_END, record, window_size
@@ -171,7 +171,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     if isinstance(splits.train[0], TokenizedExample):
         check_unpaired(cfg)
         cfg.trainer.share_prompt = False  # one row per example: nothing to share
-    if spec_of(cfg.loss).tis if cfg.loss.name != "sft" else False:
+    if uses_tis(cfg.loss):
         tis.prepare(cfg.loss.tis, splits, run_dir, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                     device=device, dist=dist, log=log)
     policy = load_policy(cfg.model, tokenizer).to(device)
