@@ -114,8 +114,8 @@ def test_fused_pass_falls_back_to_the_separate_one_while_dropout_is_active(monke
     from tidpo_cli import importance, objective
 
     calls = []
-    monkeypatch.setattr(objective, "importance_pass",
-                        lambda *a, **k: calls.append(1) or importance.importance_pass(*a, **k))
+    monkeypatch.setattr(objective, "gradient_saliency",  # the separate pass's own forward and backward
+                        lambda *a, **k: calls.append(1) or importance.gradient_saliency(*a, **k))
     cfg, policy, reference, batch, ids = setup(["loss=tidpo", "loss.importance.grad_pass=fused"])
     policy.train()
     batch_loss(policy, reference, batch, cfg.loss, ids, seed=0)

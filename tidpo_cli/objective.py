@@ -12,12 +12,12 @@ from omegaconf import DictConfig
 
 from .anchors import anchor_batch, attached_anchors, uses_anchors, with_anchors
 from .distributed import extra_backward
-from .importance import (dropout_active, gradient_saliency, importance_pass, last_positions, mix_weights,
+from .importance import (dropout_active, gradient_saliency, importance_pass, mix_weights,
                          saliency_from_forward, weight_stats)
 from .loss_specs import needs_nll, needs_reference, spec_of
 from .losses import (IGNORE_INDEX, PairScores, kto_losses, left_align, mean_nll, response_mask, sft_loss, token_kl,
                      token_logps, triplet_terms)
-from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
+from .layouts import layout_of
 from .tracking import MetricSums
 
 Batch = dict[str, torch.Tensor]
@@ -43,8 +43,7 @@ def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.T
 def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
     """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings,
     final hidden states [rows, positions, hidden]: what the output layer was given, for `saliency_targets`)."""
-    ids = batch["packed_ids"] if is_packed(batch) else batch["input_ids"]
-    embeds = model.get_input_embeddings()(ids)
+    embeds = model.get_input_embeddings()(layout_of(batch).ids())
     if not embeds.requires_grad:  # frozen embeddings (LoRA): the saliency still needs the gradient to them
         embeds = embeds.detach().requires_grad_(True)
     seen = []
@@ -56,15 +55,10 @@ def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
 
 
 def _forward(model, batch: Batch, embeds):
-    if is_packed(batch):
-        inputs = {"input_ids": batch["packed_ids"]} if embeds is None else {"inputs_embeds": embeds}
-        logits = model(**inputs, **model_inputs(model, batch), use_cache=False).logits
-        logps = packed_token_logps(logits, batch)
-    else:
-        inputs = {"input_ids": batch["input_ids"]} if embeds is None else {"inputs_embeds": embeds}
-        logits = model(**inputs, attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps = token_logps(logits, batch["labels"])
-    return logits, logps, response_mask(batch["labels"]), embeds
+    layout = layout_of(batch)
+    inputs = {"input_ids": layout.ids()} if embeds is None else {"inputs_embeds": embeds}
+    logits = model(**inputs, **layout.model_kwargs(model), use_cache=False).logits
+    return logits, layout.label_logps(logits), response_mask(batch["labels"]), embeds
 
 
 def fused_pass(policy, imp: DictConfig) -> bool:
@@ -79,7 +73,7 @@ def fused_pass(policy, imp: DictConfig) -> bool:
 def unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-position values of a forward (logits [.., V], saliency) in the [N, T, ...] layout of the rows, whatever
     the batch layout (a packed batch's are gathered: a copy)."""
-    return unpack(values, batch) if is_packed(batch) else values
+    return layout_of(batch).unpack(values)
 
 
 def saliency_targets(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> torch.Tensor:
@@ -89,11 +83,7 @@ def saliency_targets(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> 
     Not read off that forward's logits: a DeepSpeed engine hooks its forward's outputs, and any gradient through
     them (this one too) would start its training backward (gradient scaling, reduction). The output layer on these
     positions alone is what the separate pass computes as well."""
-    if is_packed(batch):
-        where = tuple(index[rows] for index in last_positions_packed(batch))
-    else:
-        where = (torch.arange(hidden.shape[0], device=hidden.device)[rows],
-                 last_positions(batch["attention_mask"])[rows])
+    where = tuple(index[rows] for index in layout_of(batch).last_positions())
     return model.get_output_embeddings()(hidden[where])
 
 
@@ -221,10 +211,10 @@ def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: sli
         with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
             raw = saliency_from_forward(forwarded[3], saliency_targets(policy, forwarded[4], rows, pairs))
         result = mix_weights(unpacked(raw, rows)[pairs, :width], span, **mixing)
-    elif imp.mode == "gradient" and is_packed(batch):
-        raw = gradient_saliency(policy, batch["packed_ids"], **model_inputs(policy, batch),
-                                targets=last_positions_packed(batch))
-        result = mix_weights(unpack(raw, batch), span, **mixing)
+    elif imp.mode == "gradient":  # the paper's separate pass: its own forward and backward
+        layout = layout_of(batch)
+        raw = gradient_saliency(policy, layout.ids(), **layout.model_kwargs(policy), targets=layout.last_positions())
+        result = mix_weights(layout.unpack(raw), span, **mixing)
     else:
         result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
                                  generator=torch.Generator().manual_seed(seed), **mixing)
