@@ -266,6 +266,7 @@ GOOD = {
         "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}],
         "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}],
     },
+    "unpaired": {"prompt": "q", "completion": "yes", "label": True},
 }
 
 
@@ -384,8 +385,15 @@ conv_bad = st.one_of(
 )
 # Objects with none of the keys every format needs.
 keyless = st.dictionaries(st.text(max_size=6).filter(lambda k: k not in ("chosen", "rejected")), junk, max_size=4)
-bad_rows = st.one_of(hh_bad, pcr_bad, conv_bad, keyless)
-BAD_FOR = {"hh_rlhf": hh_bad, "prompt_chosen_rejected": pcr_bad, "conversational": conv_bad}
+unpaired_bad = st.one_of(
+    st.sampled_from(["prompt", "completion", "label"]).map(lambda k: _without("unpaired", k)),
+    st.tuples(st.sampled_from(["prompt", "completion"]), non_string).map(lambda kv: _with("unpaired", **{kv[0]: kv[1]})),
+    junk.filter(lambda v: not isinstance(v, bool)).map(lambda v: _with("unpaired", label=v)),
+    blank.map(lambda s: _with("unpaired", prompt=s)),
+    st.just(_with("unpaired", completion="")),
+)
+bad_rows = st.one_of(hh_bad, pcr_bad, conv_bad, unpaired_bad, keyless)
+BAD_FOR = {"hh_rlhf": hh_bad, "prompt_chosen_rejected": pcr_bad, "conversational": conv_bad, "unpaired": unpaired_bad}
 
 
 @settings(max_examples=60, deadline=None)
@@ -414,3 +422,27 @@ def test_prepare_all_bad_rows_raise_only_data_error(fmt, rows):
 def test_prepare_auto_after_a_good_first_row(good, bad):
     _, report = run([GOOD[good], *bad])
     assert (report.fmt, report.used, report.skipped) == (good, 1, len(bad))
+
+
+def test_a_gold_reference_response_is_read_and_tokenized_as_a_third_response():
+    """TPO's gold response: prompt_chosen_rejected rows may carry `reference` (TRL's column) or `gold`; empty is a
+    bad row; a batch whose pairs lack one has the chosen response in its place."""
+    from tidpo_cli.data.collate import collate
+    from tidpo_cli.data.tokenize import tokenize_example
+
+    row = {"prompt": "Q:", "chosen": " a", "rejected": " b", "reference": "Q: gold"}
+    ex = to_example(row, "prompt_chosen_rejected", None, "f:1")
+    assert ex.gold == " gold"  # a repeated prompt is stripped as from the other responses
+    plain = {k: v for k, v in row.items() if k != "reference"}
+    assert to_example({**plain, "gold": " g"}, "prompt_chosen_rejected", None, "f:1").gold == " g"
+    assert to_example(plain, "prompt_chosen_rejected", None, "f:1").gold is None
+    with pytest.raises(BadRow, match="empty 'reference' response"):
+        to_example({**row, "reference": ""}, "prompt_chosen_rejected", None, "f:1")
+    tokenizer = build_byte_tokenizer()
+    with_gold = tokenize_example(ex, tokenizer, 64, 32)
+    without = tokenize_example(to_example(plain, "prompt_chosen_rejected", None, "f:2"), tokenizer, 64, 32)
+    assert with_gold.gold_ids[-1] == tokenizer.eos_token_id and without.gold_ids is None
+    batch = collate([with_gold, without], tokenizer.pad_token_id)
+    assert batch["gold_input_ids"].shape[0] == 2
+    assert batch["gold_labels"][1][batch["gold_labels"][1] != -100].tolist() == without.chosen_ids
+    assert batch["gold_labels"][0][batch["gold_labels"][0] != -100].tolist() == with_gold.gold_ids

@@ -570,6 +570,12 @@ CASES = {
 # The same KTO run with tidpo reading the unpaired rows TRL reads (data.format=unpaired, auto-detected): 2B examples
 # a step, in the same order, so the same steps as the paired run.
 CASES["kto_unpaired"] = CASES["kto"]
+# TPO with a gold response of its own (TRL's `reference` column, which tidpo reads too) instead of the chosen one.
+CASES["tpo_gold"] = CASES["tpo"]
+
+
+def gold_rows() -> list[dict]:
+    return [{**r, "reference": " gold:" + r["chosen"][::-1]} for r in ROWS]
 
 
 @pytest.fixture(scope="module")
@@ -583,6 +589,9 @@ def tidpo_run(work, model_dir, rows_file):
             if case == "kto_unpaired":
                 data, batch = work / "unpaired.jsonl", 2 * BATCH
                 data.write_text("".join(json.dumps(r) + "\n" for r in kto_rows(ROWS, BATCH)))
+            elif case == "tpo_gold":
+                data = work / "gold.jsonl"
+                data.write_text("".join(json.dumps(r) + "\n" for r in gold_rows()))
             detect = ["data.format=auto"] if case == "kto_unpaired" else []  # auto-detected as unpaired
             cfg = compose_config(tidpo_overrides(CASES[case][0], model_dir, data, batch) + detect)
             run_dir = work / "tidpo" / case
@@ -612,7 +621,9 @@ def trl_run(work, model_dir):
                 rows, batch = kto_rows(ROWS, BATCH), 2 * BATCH
                 extra["ref_model"] = AutoModelForCausalLM.from_pretrained(model_dir, **load)
             elif case == "tpo":
-                rows = [{**r, "reference": r["chosen"]} for r in ROWS]  # tidpo's gold response is the chosen one
+                rows = [{**r, "reference": r["chosen"]} for r in ROWS]  # without a column, tidpo's gold is the chosen
+            elif case == "tpo_gold":
+                rows = gold_rows()
             else:
                 rows = ROWS
             seen: list[dict] = []
@@ -668,6 +679,7 @@ EXPECTED = {
     "cpo": {**same(COMMON + SUMMED), "nll_loss": "nll_loss"},
     "simpo": {**same(COMMON), **averaged_logps("simpo")},
     "tpo": same(COMMON + SUMMED),
+    "tpo_gold": same(COMMON + SUMMED),
     "kto": {**same(COMMON + SUMMED), "kl": "kl"},
     # unpaired rows have no pairs, so no per-pair margin (TRL's rewards/margins is the difference of the two means)
     "kto_unpaired": {**same(("loss", "grad_norm", "rewards/chosen", "rewards/rejected") + SUMMED), "kl": "kl"},

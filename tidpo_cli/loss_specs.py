@@ -33,6 +33,7 @@ class LossSpec:
     reference: bool = True      # reads the reference's log-probs (False: no reference is loaded or run)
     nll: bool = False           # reads the chosen responses' mean NLL
     nll_with_prompt: bool = False  # ... over the prompt's tokens too (ORPO, as its authors' code and TRL)
+    nll_on_gold: bool = False   # ... of the pairs' gold responses where the data has them (TPO), else the chosen
     kto_rows: bool = False      # scores KTO's mismatched (prompt, other completion) rows for its reference point
     length_normalized: bool = False  # its log-probs are token averages (length-normalised rewards)
     tis: bool = False           # token weights from a pair of contrastive models, estimated before training (tis.py)
@@ -80,7 +81,7 @@ def _cpo(s: PairScores, cfg: DictConfig) -> LossOut:
 
 
 def _tpo(s: PairScores, cfg: DictConfig) -> LossOut:
-    # The gold response is the chosen one (the data carries no third response): TPO's NLL term on y_w.
+    # The NLL of the gold responses (the chosen ones where the data has no `reference` column).
     return _sigmoid_and_nll(s, cfg, cfg.tpo.alpha)
 
 
@@ -112,7 +113,8 @@ SPECS: dict[str, LossSpec] = {
     "cpo": LossSpec(_cpo, "Xu et al. 2024 (TRL CPOTrainer)", reference=False, nll=True),
     "orpo": LossSpec(_orpo, "Hong et al. 2024 (TRL ORPOTrainer)", reference=False, nll=True, nll_with_prompt=True,
                      length_normalized=True),
-    "tpo": LossSpec(_tpo, "Saeidi et al. 2024 (TRL experimental TPOTrainer)", reference=False, nll=True),
+    "tpo": LossSpec(_tpo, "Saeidi et al. 2024 (TRL experimental TPOTrainer)", reference=False, nll=True,
+                    nll_on_gold=True),
     "kto": LossSpec(_kto, "Ethayarajh et al. 2024 (TRL KTOTrainer)", kto_rows=True),
 }
 DPO_FAMILY = tuple(name for name, spec in SPECS.items() if spec.compute is _dpo_family)

@@ -156,7 +156,8 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     scores = PairScores(
         chosen=policy_sums[:half], rejected=policy_sums[half:], ref_chosen=ref_sums[:half],
         ref_rejected=ref_sums[half:], chosen_len=lengths[:half], rejected_len=lengths[half:], delta=delta,
-        nll=chosen_nll(logits, logps, mask, rows, half, spec.nll_with_prompt) if needs_nll(loss_cfg) else None,
+        nll=(gold_nll(policy, batch, half) if spec.nll_on_gold and "gold_input_ids" in batch
+             else chosen_nll(logits, logps, mask, rows, half, spec.nll_with_prompt) if needs_nll(loss_cfg) else None),
         kto_kl=kto_reference_point(policy, reference, batch, ids.pad) if spec.kto_rows else None)
     out = spec.compute(scores, loss_cfg)
     loss_sum = out.losses.sum()
@@ -231,6 +232,14 @@ def chosen_nll(logits, logps, mask, rows: Batch, half: int, with_prompt: bool) -
         return mean_nll(logps[:half], mask[:half]).expand(half)
     labels = rows["input_ids"][:half].masked_fill(rows["attention_mask"][:half] == 0, IGNORE_INDEX)
     return mean_nll(token_logps(logits[:half], labels), response_mask(labels)).expand(half)
+
+
+def gold_nll(policy, batch: Batch, half: int) -> torch.Tensor:
+    """The mean next-token NLL of the pairs' gold responses (TPO's third response: `gold_*` rows), expanded to
+    [B]: a forward of their own, with gradients."""
+    gold = {k.removeprefix("gold_"): v for k, v in batch.items() if k.startswith("gold_")}
+    _, logps, mask = forward(policy, gold)
+    return mean_nll(logps, mask).expand(half)
 
 
 def mismatched_rows(batch: Batch, pad_id: int) -> Batch:

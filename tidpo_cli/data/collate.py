@@ -26,6 +26,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
       labels         [2B, T] long  input_ids on response tokens, -100 on prompt and padding (NOT shifted:
                                    the training loop shifts)
       prompt_lengths [2B]    long  prompt tokens in each row (row i and row B+i share a prompt)
+    gold_*         [B, T'] the pairs' gold responses (input_ids, attention_mask, labels) when any pair has one
+                                 (TPO); a pair without one has its chosen response there
     token_weights  [2B, T] float the pairs' precomputed response token weights where they have them (TIS-DPO),
                                  aligned with labels, 0 elsewhere
     and with `share_prompt` the packed layout of packing.pack_pairs (`packed_*`: one row per pair).
@@ -56,6 +58,10 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
                 raise ValueError(f"{len(side)} token weights for a response of {len(response)} tokens")
             weights[row, len(prompt):len(prompt) + len(response)] = torch.tensor(side, dtype=torch.float32)
         batch["token_weights"] = weights
+    if any(p.gold_ids is not None for p in pairs):
+        gold = collate_unpaired([TokenizedExample(p.prompt_ids, p.gold_ids if p.gold_ids is not None else p.chosen_ids,
+                                                  True, p.where, p.truncated) for p in pairs], pad_id)
+        batch.update({f"gold_{k}": gold[k] for k in ("input_ids", "attention_mask", "labels")})
     if share_prompt:
         batch.update(pack_pairs(input_ids, attention_mask, prompt_lengths, pad_id))
     return batch

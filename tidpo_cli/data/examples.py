@@ -18,6 +18,7 @@ class PreferenceExample:
     chosen: str
     rejected: str
     where: str
+    gold: str | None = None  # a third, gold response (TPO's `reference` column), when the row has one
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TokenizedPair:
     rejected_ids: list[int]
     where: str
     truncated: bool
+    gold_ids: list[int] | None = None  # the gold response (TPO), EOS appended as for the others
     # Precomputed per-token weights of the responses (TIS-DPO: tis.py), one per response token, or None.
     token_weights: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 

@@ -2,7 +2,8 @@
 
 - `hh_rlhf`: `chosen` / `rejected` are whole dialogues "\\n\\nHuman: ...\\n\\nAssistant: ..."; the prompt is
   the shared text up to and including the last "\\n\\nAssistant:".
-- `prompt_chosen_rejected`: three strings; responses that repeat the prompt have it stripped.
+- `prompt_chosen_rejected`: three strings; responses that repeat the prompt have it stripped. An optional fourth,
+  `reference` (or `gold`), is a gold response (TPO's third one).
 - `unpaired`: `prompt` and `completion` strings and a boolean `label` (true: desirable, false: undesirable),
   TRL's unpaired preference layout, for loss=kto.
 - `conversational`: `chosen` / `rejected` are lists of {"role", "content"} messages, with an optional
@@ -76,7 +77,21 @@ def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExa
         prompt, chosen, rejected = _prompt_chosen_rejected(row)
     else:
         prompt, chosen, rejected = _conversational(row, tokenizer)
-    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where)
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where,
+                             gold=_gold(row, prompt) if fmt == "prompt_chosen_rejected" else None)
+
+
+def _gold(row: dict, prompt: str) -> str | None:
+    """The row's gold response (TPO: TRL's `reference` column, or `gold`), if it has one."""
+    key = next((k for k in ("reference", "gold") if k in row), None)
+    if key is None:
+        return None
+    gold = _string(row, key)
+    if prompt and gold.startswith(prompt) and gold != prompt:
+        gold = gold[len(prompt):]
+    if not gold:
+        raise BadRow(f"empty {key!r} response")
+    return gold
 
 
 def _string(row: dict, key: str) -> str:

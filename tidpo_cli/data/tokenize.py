@@ -76,7 +76,7 @@ def tokenize_example(ex: PreferenceExample | UnpairedExample, tokenizer: Any, ma
 
     responses = []
     sides = ((("completion", ex.completion),) if isinstance(ex, UnpairedExample)
-             else (("chosen", ex.chosen), ("rejected", ex.rejected)))
+             else (("chosen", ex.chosen), ("rejected", ex.rejected)) + ((("gold", ex.gold),) if ex.gold else ()))
     for side, text in sides:
         ids = _ids(tokenizer, text)
         if eos is not None and (not ids or ids[-1] != eos):
@@ -95,5 +95,6 @@ def tokenize_example(ex: PreferenceExample | UnpairedExample, tokenizer: Any, ma
         return TokenizedExample(prompt_ids=prompt, completion_ids=responses[0], desirable=ex.desirable,
                                 where=ex.where, truncated=truncated)
     return TokenizedPair(
-        prompt_ids=prompt, chosen_ids=responses[0], rejected_ids=responses[1], where=ex.where, truncated=truncated
+        prompt_ids=prompt, chosen_ids=responses[0], rejected_ids=responses[1], where=ex.where, truncated=truncated,
+        gold_ids=responses[2] if ex.gold else None,
     )
