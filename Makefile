@@ -43,5 +43,11 @@ bench-distributed: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python scripts/experiments/noise_robustness/run.py --out runs/noise_robustness --report docs/results
 
+# The paper's Table 1 losses and TI-DPO's ablations at demo scale (issue 13; docs/results/baselines.md): about 35
+# minutes on 2 CPU cores, resumable (run it again after an interruption). Writes runs/baselines/ and docs/results/baselines.*
+.PHONY: baselines
+baselines: $(STAMP)
+	$(BIN)/python scripts/experiments/baselines/run.py --out runs/baselines --report docs/results
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info
