@@ -69,7 +69,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 from trl.experimental.tpo import TPOConfig, TPOTrainer  # noqa: E402
 
-from helpers import compose_config  # noqa: E402
+from helpers import aligned_overrides, compose_config, save_tiny_hf_model  # noqa: E402
 from tidpo_cli.data.batches import BatchStream  # noqa: E402
 from tidpo_cli.data.collate import collate  # noqa: E402
 from tidpo_cli.data.splits import load_splits  # noqa: E402
@@ -78,7 +78,6 @@ from tidpo_cli.losses import (IGNORE_INDEX, PAIR_LOSSES, SMOOTHED, PairScores, k
                               orpo_log_odds, pair_loss, simpo_loss)
 from tidpo_cli.modeling import load_tokenizer  # noqa: E402
 from tidpo_cli.objective import kto_reference_point, mismatched_rows  # noqa: E402
-from tidpo_cli.tokenizer import build_byte_tokenizer  # noqa: E402
 from tidpo_cli.trainer import train  # noqa: E402
 
 
@@ -482,16 +481,7 @@ def model_dir(work):
     """A tiny Llama (random init, seed 0) and the byte-level tokenizer, as a plain HF model directory."""
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    path = work / "model"
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_hf_model(work / "model", MODEL, SEED)
 
 
 @pytest.fixture(scope="module")
@@ -502,20 +492,8 @@ def rows_file(work):
 
 
 def tidpo_overrides(loss: list[str], model_dir, rows_file, batch: int = BATCH) -> list[str]:
-    return [
-        *loss,
-        f"model.name_or_path={model_dir}", "model.tokenizer=null", "model.dtype=float32",
-        "model.attn_implementation=sdpa",
-        "data=preference", f"data.path={rows_file}", f"data.max_length={MAX_LENGTH}",
-        f"data.max_prompt_length={MAX_PROMPT_LENGTH}", "data.eval_size=0", "data.shuffle=false",
-        "data.group_by_length=0",
-        f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1", f"trainer.max_steps={STEPS}",
-        "trainer.optimizer=adamw", f"trainer.lr={LR}", "trainer.weight_decay=0.0", "trainer.schedule=constant",
-        "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", "trainer.precision=fp32",
-        "trainer.gradient_checkpointing=false", "trainer.share_prompt=false", "trainer.eval_before=false",
-        "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_final=false", "trainer.resume=never",
-        "trainer.device=cpu", "logger.progress=off", "logger.log_every=1", f"seed={SEED}",
-    ]
+    return [*loss, *aligned_overrides(model_dir, rows_file, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                                      batch=batch, grad_accum=1, steps=STEPS, lr=LR, seed=SEED)]
 
 
 def trl_args(output_dir, batch: int = BATCH) -> dict:

@@ -46,16 +46,15 @@ import datasets
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PrinterCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 from transformers.utils import logging as hf_logging
 from trl import DPOConfig, DPOTrainer
 
-from helpers import compose_config
+from helpers import aligned_overrides, compose_config, save_tiny_hf_model
 from tidpo_cli.data.batches import BatchStream
 from tidpo_cli.data.splits import load_splits
 from tidpo_cli.losses import IGNORE_INDEX
 from tidpo_cli.modeling import load_tokenizer
-from tidpo_cli.tokenizer import build_byte_tokenizer
 from tidpo_cli.trainer import train
 
 STEPS, BATCH, LR, BETA, SEED = 3, 2, 1e-3, 0.1, 0
@@ -149,16 +148,7 @@ def work(tmp_path_factory):
 def model_dir(work):
     """A tiny Llama (random init, seed 0) and the byte-level tokenizer, as a plain HF model directory."""
     hf_logging.disable_progress_bar()
-    path = work / "model"
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_hf_model(work / "model", MODEL, SEED)
 
 
 @pytest.fixture(scope="module")
@@ -169,20 +159,9 @@ def rows_file(work):
 
 
 def tidpo_overrides(case: Case, model_dir, rows_file) -> list[str]:
-    return [
-        *case.tidpo,
-        f"model.name_or_path={model_dir}", "model.tokenizer=null", "model.dtype=float32",
-        "model.attn_implementation=sdpa",
-        "data=preference", f"data.path={rows_file}", f"data.max_length={MAX_LENGTH}",
-        f"data.max_prompt_length={MAX_PROMPT_LENGTH}", "data.eval_size=0", "data.shuffle=false",
-        "data.group_by_length=0",
-        f"trainer.micro_batch_size={BATCH}", f"trainer.grad_accum={case.grad_accum}", f"trainer.max_steps={STEPS}",
-        "trainer.optimizer=adamw", f"trainer.lr={LR}", "trainer.weight_decay=0.0", "trainer.schedule=constant",
-        "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", "trainer.precision=fp32",
-        "trainer.gradient_checkpointing=false", "trainer.share_prompt=false", "trainer.eval_before=false",
-        "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_final=false", "trainer.resume=never",
-        "trainer.device=cpu", "logger.progress=off", "logger.log_every=1", f"loss.beta={BETA}", f"seed={SEED}",
-    ]
+    return [*case.tidpo, f"loss.beta={BETA}",
+            *aligned_overrides(model_dir, rows_file, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                               batch=BATCH, grad_accum=case.grad_accum, steps=STEPS, lr=LR, seed=SEED)]
 
 
 @pytest.fixture(scope="module")
