@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tidpo_cli.cli import compose_config  # noqa: F401  (the config `tidpo train OVERRIDES` would run with)
@@ -65,3 +67,55 @@ def aligned_overrides(model_dir: Path, rows_file: Path, *, max_length: int, max_
         "trainer.eval_every=0", "trainer.save_every=0", "trainer.save_final=false", "trainer.resume=never",
         "trainer.device=cpu", "logger.progress=off", "logger.log_every=1", f"seed={seed}",
     ]
+
+
+# Resume: runs compared with an uninterrupted one (the `uninterrupted` fixture of conftest.py).
+# 40 small steps with a checkpoint every 5; no eval in between, so a run is a few seconds.
+RUN = [*QUICK, "trainer.max_steps=40", "trainer.save_every=5", "trainer.keep_last=null", "data.eval_size=16"]
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "grad_norm", "lr", "triplet/loss", "importance/max")
+
+
+def start(args, run_dir, env=None):
+    return subprocess.Popen([sys.executable, "-m", "tidpo_cli.cli", "train", *args, f"hydra.run.dir={run_dir}"],
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def train_rows(run_dir):
+    return [r for r in logged_steps(run_dir) if "loss" in r]
+
+
+def assert_same_run(resumed_dir, reference_dir):
+    """Every step logged once with the uninterrupted run's numbers, and the same final weights."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = train_rows(resumed_dir), train_rows(reference_dir)
+    assert [r["step"] for r in a] == list(range(1, 41))  # every step exactly once
+    for ra, rb in zip(a, b):
+        for name in COMPARED:
+            if name in rb:
+                assert ra[name] == pytest.approx(rb[name], abs=1e-6), (ra["step"], name)
+    wa = load_file(str(resumed_dir / "final" / "model.safetensors"))
+    wb = load_file(str(reference_dir / "final" / "model.safetensors"))
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)

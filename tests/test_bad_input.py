@@ -91,3 +91,10 @@ def test_gzipped_jsonl_trains(tmp_path):
         f.writelines(json.dumps(GOOD) + "\n" for _ in range(20))
     result = train_on(tmp_path, path, "trainer.max_steps=1")
     assert result.returncode == 0, result.stderr[-1500:]
+
+
+def test_an_empty_data_file_is_named(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    result = train_on(tmp_path, path)
+    assert_clear_error(result, str(path), "empty")

@@ -266,3 +266,45 @@ def test_loss_family_under_zero2_matches_one_process(tmp_path, name):
                 assert a[metric] == pytest.approx(b[metric], abs=1e-4), (a["step"], metric)
     log = (tmp_path / "two" / "train.log").read_text()
     assert ("reference: none" in log) == (name == "simpo")
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_the_same_step_and_resume_checks_the_process_count(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and both workers (one process group); torchrun forwards it once more.
+    Both ranks checkpoint at the same step and exit 130; the launcher's own report of the signal is torch's, not
+    ours (no traceback runs through tidpo_cli). The checkpoint names its 2 processes: one process may not resume it."""
+    import signal
+    import time
+
+    from tidpo_cli.checkpoint import list_checkpoints
+    from tidpo_cli.manifest import Layout, check_files
+
+    run_dir = tmp_path / "run"
+    args = ["loss=dpo", *BASE, *ZERO["zero2"], "trainer.max_steps=200", "trainer.grad_accum=1",
+            "trainer.save_every=0", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "tidpo_cli.cli", "train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(train_rows(run_dir)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    traceback_files = [line for line in output.splitlines() if line.strip().startswith('File "')]
+    assert not [line for line in traceback_files if "tidpo_cli" in line], output[-3000:]
+    assert output.count("tidpo: Ctrl-C: saving a checkpoint") == 1  # said once, by rank 0
+    saved = list_checkpoints(run_dir)
+    assert len(saved) == 1 and check_files(saved[0]) is None, output[-3000:]
+    step = int(saved[0].name.split("-")[1])
+    assert (saved[0] / "rng-rank0.json").is_file() and (saved[0] / "rng-rank1.json").is_file()
+    assert train_rows(run_dir)[-1]["step"] == step  # both ranks stopped after the same step
+    assert Layout.read(saved[0]).world == 2 and Layout.read(saved[0]).engine == "deepspeed-zero2"
+    assert not (run_dir / "run.lock").exists()
+
+    alone = run_tidpo(["train", *args], cwd=tmp_path)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert "written by 2 processes, this run has 1" in alone.stderr and "--nproc_per_node" in alone.stderr
+    resumed = torchrun([*args[:-2], f"trainer.max_steps={step + 2}", args[-1]], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in train_rows(run_dir)] == list(range(1, step + 3))

@@ -1,81 +1,18 @@
 """Reliability under kills and bad numbers: exact resume, atomic checkpoints, preemption, NaN guards, memory."""
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import QUICK, compose_config, run_tidpo
+from helpers import QUICK, RUN, assert_same_run, compose_config, run_tidpo, start, train_rows, wait_for
 from tidpo_cli import objective
 from tidpo_cli.checkpoint import list_checkpoints, load_checkpoint
 from tidpo_cli.distributed import PlainEngine
 from tidpo_cli.errors import UserError
 from tidpo_cli.trainer import PREEMPTED_EXIT_CODE, train
-
-# 40 small steps with a checkpoint every 5; no eval in between, so a run is a few seconds.
-RUN = [*QUICK, "trainer.max_steps=40", "trainer.save_every=5", "trainer.keep_last=null", "data.eval_size=16"]
-COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-            "grad_norm", "lr", "triplet/loss", "importance/max")
-
-
-def start(args, run_dir, env=None):
-    return subprocess.Popen([sys.executable, "-m", "tidpo_cli.cli", "train", *args, f"hydra.run.dir={run_dir}"],
-                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-
-
-def logged_steps(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
-
-
-def wait_for(condition, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.01)
-    raise AssertionError("timed out")
-
-
-def train_rows(run_dir):
-    return [r for r in logged_steps(run_dir) if "loss" in r]
-
-
-def assert_same_run(resumed_dir, reference_dir):
-    a, b = train_rows(resumed_dir), train_rows(reference_dir)
-    assert [r["step"] for r in a] == list(range(1, 41))  # every step exactly once
-    for ra, rb in zip(a, b):
-        for name in COMPARED:
-            if name in rb:
-                assert ra[name] == pytest.approx(rb[name], abs=1e-6), (ra["step"], name)
-    wa = load_file(str(resumed_dir / "final" / "model.safetensors"))
-    wb = load_file(str(reference_dir / "final" / "model.safetensors"))
-    for name in wb:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """One uninterrupted run per loss, shared by the tests that compare against it."""
-    runs = {}
-    for loss in ("dpo", "tidpo"):
-        run_dir = tmp_path_factory.mktemp("ref") / loss
-        result = run_tidpo(["train", *RUN, f"loss={loss}", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
-        assert result.returncode == 0, result.stderr[-2000:]
-        runs[loss] = run_dir
-    return runs
 
 
 @pytest.mark.parametrize("loss", ["dpo", "tidpo"])
@@ -210,9 +147,9 @@ def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
     assert restored == state
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
     assert any(p.abs().sum() > 0 for p in policy.parameters())
-    assert sorted(f.name for f in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt",
-                                                      "rng-rank0.json", "rng-rank0.safetensors", "scheduler.pt",
-                                                      "state.json"]
+    assert sorted(f.name for f in path.iterdir()) == ["config.yaml", "manifest-rank0.json", "model.safetensors",
+                                                      "optimizer.pt", "rng-rank0.json", "rng-rank0.safetensors",
+                                                      "scheduler.pt", "state.json"]
 
 
 def test_a_finished_run_started_again_does_nothing(tmp_path, uninterrupted):

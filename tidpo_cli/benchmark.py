@@ -44,6 +44,7 @@ PAPER_TASKS = {
 CODE_TASK_PREFIXES = ("humaneval", "mbpp")
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+OUTPUTS = ("benchmark.json", "benchmark.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="few-shot examples for every task (default: each task's own setting)")
     parser.add_argument("--out", metavar="DIR",
                         help="output directory (default: RUN/benchmark for a run, else ./benchmark-NAME)")
+    parser.add_argument("--overwrite", action="store_true", help="replace benchmark.json and benchmark.md in "
+                        "--out DIR (the default folder is always rewritten)")
     parser.add_argument("--chat-template", action="store_true",
                         help="render prompts with the tokenizer's chat template, few-shot examples as turns "
                              "(instruct models; lm-eval's apply_chat_template + fewshot_as_multiturn)")
@@ -87,40 +90,48 @@ def benchmark_main(argv: list[str]) -> None:
     check_code_eval(tasks, args.allow_code_eval)
 
     from .modeling import pick_device
-    from .trained import locate
+    from .trained import check_checkpoint, check_hf_weights, claim_output, locate, made_dir
 
     kind, source, run_dir = locate(args.model)  # a bad path stops here, before lm-eval indexes its tasks
+    # A damaged model is named now, not after the datasets are fetched: an HF directory's weights by their headers
+    # (lm-eval loads it), a checkpoint's files against its manifest.
+    if kind == "hf":
+        check_hf_weights(source)
+    else:
+        check_checkpoint(source, run_dir)
     device = pick_device(args.device, key="--device")
     out = output_dir(args.out, source, run_dir)
     include = include_path(args.include_path)
+    claim_output(out, OUTPUTS, given=args.out is not None, overwrite=args.overwrite)
     task_manager = make_task_manager(tasks, include)
     built, leaves = preload_tasks(task_manager, tasks, include)  # downloads the datasets before a big model loads
     check_code_eval(leaves, args.allow_code_eval, unsafe={name for name, unsafe in leaves.items() if unsafe})
 
-    make_dir(out)
-    with hf_model_dir(kind, source, out) as model_dir:
-        print(f"benchmark {model_dir} on {', '.join(tasks)} ({device})", file=sys.stderr)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": args.dtype},
-            tasks=built,
-            num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size,
-            device=str(device),
-            limit=args.limit,
-            log_samples=False,
-            task_manager=task_manager,
-            confirm_run_unsafe_code=args.allow_code_eval,
-            apply_chat_template=args.chat_template,
-            fewshot_as_multiturn=args.chat_template,
-        )
-    report = {
-        "model": str(args.model), "evaluated": str(source), "run_dir": str(run_dir) if run_dir else None,
-        "tasks": tasks, "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
-        "device": str(device), "dtype": args.dtype, "chat_template": args.chat_template, "include_path": str(include) if include else None,
-        "versions": versions(), "lm_eval": results,
-    }
-    write_report(report, out)
+    with made_dir(out, "the benchmark report"):  # removed again if nothing comes of it (it held no report)
+        with hf_model_dir(kind, source, out) as model_dir:
+            print(f"benchmark {model_dir} on {', '.join(tasks)} ({device})", file=sys.stderr)
+            results = lm_eval.simple_evaluate(
+                model="hf",
+                model_args={"pretrained": str(model_dir), "dtype": args.dtype},
+                tasks=built,
+                num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size,
+                device=str(device),
+                limit=args.limit,
+                log_samples=False,
+                task_manager=task_manager,
+                confirm_run_unsafe_code=args.allow_code_eval,
+                apply_chat_template=args.chat_template,
+                fewshot_as_multiturn=args.chat_template,
+            )
+        report = {
+            "model": str(args.model), "evaluated": str(source), "run_dir": str(run_dir) if run_dir else None,
+            "tasks": tasks, "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
+            "device": str(device), "dtype": args.dtype, "chat_template": args.chat_template,
+            "include_path": str(include) if include else None,
+            "versions": versions(), "lm_eval": results,
+        }
+        write_report(report, out)
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -274,18 +285,12 @@ def hf_model_dir(kind: str, source: Path, out: Path) -> Iterator[Path]:
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix=".model-", dir=out) as tmp:
-        trained = load_trained(source, torch.device("cpu"))  # the same load and LoRA merge as `tidpo export`
+        # The same load and LoRA merge as `tidpo export`; the files were checked before the tasks loaded.
+        trained = load_trained(source, torch.device("cpu"), checked=True)
         model_dir = save_hf_model(trained.model, trained.tokenizer, Path(tmp) / "model")
         del trained
         print(f"exported checkpoint {source} for lm-eval", file=sys.stderr)
         yield model_dir
-
-
-def make_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory '{out}': {e.strerror or e}; pick another --out") from None
 
 
 def versions() -> dict[str, str]:
@@ -347,9 +352,12 @@ def _json_default(value: Any) -> Any:
 
 
 def write_report(report: dict, out: Path) -> None:
+    from .trained import write_files
+
     table = render_markdown(report)
-    (out / "benchmark.json").write_text(json.dumps(report, indent=1, ensure_ascii=False, default=_json_default)
-                                        + "\n", encoding="utf-8")
-    (out / "benchmark.md").write_text(table, encoding="utf-8")
+    text = json.dumps(report, indent=1, ensure_ascii=False, default=_json_default) + "\n"
+    writers = {"benchmark.json": lambda path: path.write_text(text, encoding="utf-8"),
+               "benchmark.md": lambda path: path.write_text(table, encoding="utf-8")}
+    paths = write_files(out, writers, "the benchmark report", "tidpo benchmark")
     print(table.rstrip())
-    print(f"\nwrote {out / 'benchmark.json'}\nwrote {out / 'benchmark.md'}")
+    print("\n" + "\n".join(f"wrote {path}" for path in paths))

@@ -8,6 +8,7 @@ file is on disk, so a directory named `step-N` is always complete; a kill during
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -22,7 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .disk import DiskError, fault_of, message as disk_message
 from .errors import UserError
+from .manifest import Layout, check_files, has_manifest, write_manifest
+
+log = logging.getLogger("tidpo")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -36,11 +41,20 @@ def save_hf_model(model, tokenizer, out_dir: Path, state_dict: dict | None = Non
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    _replace(tmp, out_dir)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        _replace(tmp, out_dir)
+    except Exception as e:  # a full disk: the partial copy goes, whatever was at out_dir stays
+        fault = fault_of(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fault is None:
+            raise
+        raise DiskError(disk_message("the model", getattr(e, "filename", None) or tmp, fault) +
+                        f"; the partial copy was removed{', ' + str(out_dir) + ' is as it was' if out_dir.exists() else ''}"
+                        ) from None
     return out_dir
 
 
@@ -114,11 +128,13 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, engine, cfg: DictConfig, keep_last: int | None,
-                    dist=None) -> Path:
+                    dist=None, layout: Layout | None = None) -> Path:
     """Write `checkpoints/step-N/` atomically; then drop all but the newest `keep_last` checkpoints.
 
-    Every rank writes its own part (the engine's shards under DeepSpeed, its RNG streams); rank 0 makes the
-    temporary directory, writes the loop state and config, and renames it when all ranks are done.
+    Every rank writes its own part (the engine's shards under DeepSpeed, its RNG streams) and the checksums of its
+    share of the files; rank 0 makes the temporary directory, writes the loop state, config and `layout`, and
+    renames it when all ranks are done. A write that fails on any rank (a full disk) stops every rank alike with
+    a `DiskError`: the temporary directory is removed and the checkpoints already there are untouched.
     """
     from .distributed import Dist
 
@@ -126,28 +142,61 @@ def save_checkpoint(run_dir: Path, state: TrainState, engine, cfg: DictConfig, k
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.tmp"
-    if dist.main:
+
+    def begin() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.tmp"):
             shutil.rmtree(stale)
         tmp.mkdir()
-    dist.barrier()
-    engine.save(tmp)
-    _pause_for_tests(state.step)
-    plain, tensors = rng_state()
-    save_file(tensors, str(tmp / f"rng-rank{dist.rank}.safetensors"))
-    (tmp / f"rng-rank{dist.rank}.json").write_text(json.dumps(plain))
-    dist.barrier()
-    if dist.main:
-        (tmp / "state.json").write_text(json.dumps(state.__dict__))
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    def parts() -> None:
+        engine.save(tmp)
+        _pause_for_tests(state.step)
+        plain, tensors = rng_state()
+        save_file(tensors, str(tmp / f"rng-rank{dist.rank}.safetensors"))
+        (tmp / f"rng-rank{dist.rank}.json").write_text(json.dumps(plain))
+        if dist.main:
+            (tmp / "state.json").write_text(json.dumps(state.__dict__))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            if layout is not None:
+                layout.write(tmp)
+
+    def commit() -> None:
         _fsync_tree(tmp)
         _replace(tmp, final)
-        if keep_last:
+        if keep_last:  # only now that the new one is complete
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old)
-    dist.barrier()
+
+    _together(dist, tmp, begin if dist.main else None)
+    _together(dist, tmp, parts)
+    _together(dist, tmp, lambda: write_manifest(tmp, dist.rank, dist.world))
+    _together(dist, tmp, commit if dist.main else None)
     return final
+
+
+def _together(dist, tmp: Path, work) -> None:
+    """Run this rank's `work` (None: nothing to do), then learn whether it failed on any rank: a collective every
+    rank reaches, so one rank's full disk stops all of them at the same place instead of leaving them waiting."""
+    problem = None
+    try:
+        if work is not None:
+            work()
+    except Exception as e:
+        problem = e
+    fault = fault_of(problem, tmp) if problem is not None else None  # asked before the cleanup frees space
+    if not dist.max(int(problem is not None)):
+        return
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problem is None:
+        raise DiskError(f"cannot write checkpoint {tmp}: another process failed to write its part (its message "
+                        "says why); the partial checkpoint was removed, the earlier ones are intact")
+    if fault is None:
+        raise problem
+    where = getattr(problem, "filename", None) or tmp
+    raise DiskError(disk_message("checkpoint", where, fault) + "; the partial checkpoint was removed, the "
+                    "earlier ones are intact (resume from them once there is room)") from None
 
 
 def _pause_for_tests(step: int) -> None:
@@ -201,7 +250,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`resume`: auto (the newest complete checkpoint of this run dir, if any), never, or a checkpoint path."""
+    """`resume`: auto (the newest complete checkpoint of this run dir, if any), never, or a checkpoint path;
+    nothing is checked (see `choose_checkpoint`)."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -212,6 +262,94 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
         raise UserError(f"trainer.resume={resume}: not a checkpoint directory (no state.json there); "
                         f"give a checkpoints/step-N directory, or auto / never")
     return path
+
+
+def choose_checkpoint(run_dir: Path, resume: str, layout: Layout, dist=None) -> Path | None:
+    """The checkpoint to resume from, checked before anything is loaded: its files against their checksums, and
+    its layout (engine, processes, parameter shapes) against this run's.
+
+    With `resume=auto` an unreadable checkpoint is reported and set aside as `step-N.unreadable`, and the next
+    older one is tried: its later steps are trained again. An explicit checkpoint that cannot be read stops the
+    run; so does one that does not fit (another model or cluster shape), never passed over in silence.
+    """
+    from .distributed import Dist
+
+    dist = dist or Dist()
+    found = find_resume_checkpoint(run_dir, resume)
+    if found is None:
+        return None
+    candidates = [found] if resume != "auto" else list(reversed(list_checkpoints(run_dir)))
+    unreadable: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = _readable(path, dist)
+        if problem is not None:
+            if resume != "auto":
+                raise UserError(f"trainer.resume={resume}: checkpoint {path} cannot be read: {problem}; pass "
+                                "another checkpoint, trainer.resume=auto (the newest readable one of the run) or "
+                                "trainer.resume=never")
+            unreadable.append((path, problem))
+            log.warning("checkpoint %s cannot be read: %s", path, problem)
+            continue
+        _check_fits(path, layout)
+        if unreadable:
+            _set_aside([p for p, _ in unreadable], dist)
+            newest = read_state(path).step
+            log.warning("resuming from the older checkpoint %s instead: steps %d-%d are trained again (the "
+                        "unreadable one%s kept as *.unreadable beside it)", path, newest + 1,
+                        _step_of(unreadable[0][0]), "s are" if len(unreadable) > 1 else " is")
+        elif not has_manifest(path):
+            log.warning("checkpoint %s has no checksums (written by an older tidpo): resuming without checking its "
+                        "files", path)
+        return path
+    raise UserError(f"no checkpoint of {run_dir} can be read: {len(unreadable)} tried, the newest "
+                    f"({unreadable[0][0].name}): {unreadable[0][1]}; start again here with trainer.resume=never, "
+                    "or train in another run dir (hydra.run.dir=...)")
+
+
+def _readable(path: Path, dist) -> str | None:
+    """What is wrong with `path`'s files (each rank checks its share; every rank learns whether any found a
+    problem), or None."""
+    problem = check_files(path, dist.rank, dist.world) if has_manifest(path) else None
+    if problem is None and not (path / "state.json").is_file():
+        problem = "state.json is missing"
+    if dist.world > 1:
+        if problem is not None and not dist.main:
+            log.warning("rank %d: checkpoint %s: %s", dist.rank, path, problem)
+        if dist.max(int(problem is not None)) and problem is None:
+            problem = "a file failed its check on another rank (its message above names it)"
+    return problem
+
+
+def _check_fits(path: Path, here: Layout) -> None:
+    try:
+        there = Layout.read(path)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: {path / 'layout.json'} cannot be read ({type(e).__name__})") from None
+    differences = there.differences(here) if there is not None else []
+    if not differences:
+        return
+    fix = ("resume it with the settings it was written with, start again here with trainer.resume=never, or train "
+           "in another run dir (hydra.run.dir=...)")
+    if there.world != here.world:
+        fix = (f"resume with {there.world} processes (torchrun --nproc_per_node, or the SLURM job's --nodes and "
+               f"--ntasks-per-node, as it was written), or carry its weights into a new run: tidpo export {path} "
+               "OUT, then tidpo train model.name_or_path=OUT in another run dir (the optimizer starts afresh)")
+    raise UserError(f"checkpoint {path} does not fit this run: {'; '.join(differences)}; {fix}")
+
+
+def _set_aside(paths: list[Path], dist) -> None:
+    """Rename unreadable checkpoints to `step-N.unreadable`: kept for a look, ignored by resume and keep_last."""
+    if dist.main:
+        for path in paths:
+            aside = path.with_name(path.name + ".unreadable")
+            if aside.exists():
+                shutil.rmtree(aside)
+            path.rename(aside)
+    dist.barrier()
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def load_checkpoint(path: Path, engine, dist=None) -> TrainState:

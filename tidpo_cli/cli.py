@@ -160,6 +160,17 @@ def run_train(args: list[str]) -> None:
         if not _is_composition_error(e):
             raise
         fail(_one_line(e))
+    except (OSError, ValueError) as e:
+        # Hydra makes the run dir, writes .hydra/ and opens train.log before our code runs: a path through a file,
+        # a read-only or full disk fails there.
+        disk = _disk_fault(e)
+        if disk is None:
+            raise
+        from .disk import message
+
+        given = [a.split("=", 1)[1] for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+        fail(message("the run directory", disk.filename or (given[-1] if given else "(hydra.run.dir)"),
+                     disk.strerror))
 
 
 def compose_config(overrides: list[str]):
@@ -193,6 +204,17 @@ def _shared_run_dir(args: list[str]) -> list[str]:
         fail("several processes need one run directory: add hydra.run.dir=runs/NAME (torchrun --standalone and "
              "SLURM jobs get runs/distributed/<id> by themselves)")
     return [f"hydra.run.dir=runs/distributed/{run_id}"]
+
+
+def _disk_fault(e: BaseException) -> OSError | None:
+    """The disk fault (an OSError of `disk.DISK_ERRNOS`) behind `e`, following the chain of causes."""
+    from .disk import DISK_ERRNOS
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _is_composition_error(e: Exception) -> bool:
@@ -246,6 +268,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     _cpu_accelerator_for_deepspeed()
+    try:
+        _dispatch(command, args)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints on it: trainer.StopSignals)
+        print(f"tidpo: error: interrupted (Ctrl-C) during tidpo {command}; what was saved before is kept",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _dispatch(command: str, args: list[str]) -> None:
     if command == "train":
         run_train(args)
     elif command in SUBCOMMANDS:

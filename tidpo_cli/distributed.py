@@ -246,8 +246,15 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: Path) -> None:
-        self.module.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False,
-                                    exclude_frozen_parameters=self.frozen)
+        try:
+            self.module.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False,
+                                        exclude_frozen_parameters=self.frozen)
+        except Exception:
+            # A write failed (a full disk) before DeepSpeed's closing barrier, where the other ranks wait: meet them
+            # there, so that every rank reaches the collective in which they agree to stop (checkpoint._together).
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                torch.distributed.barrier()
+            raise
 
     def load(self, directory: Path) -> None:
         path, _ = self.module.load_checkpoint(str(directory), tag=ENGINE_TAG, load_optimizer_states=True,

@@ -26,8 +26,9 @@ from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
 from .loss_specs import needs_reference
-from .trained import Trained, load_hf, load_trained, locate, reference_source
+from .trained import Trained, claim_output, load_hf, load_trained, locate, reference_source, write_files
 
+OUTPUTS = ("eval.json", "eval.md")
 TABLE = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
          "logps/rejected", "logps/chosen_per_token", "logps/rejected_per_token", "loss")
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", metavar="DIR", help="output directory (default: RUN/eval, else ./eval)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace eval.json and eval.md in --out DIR (the default folder is always rewritten)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return parser
 
@@ -71,6 +74,8 @@ def eval_main(argv: list[str]) -> None:
 
     _, _, run_dir = locate(args.model)
     cfg = compose_config(combined_overrides(run_overrides(run_dir), args.overrides))  # stops before loading
+    out = Path(args.out).expanduser() if args.out else (run_dir / "eval" if run_dir else Path("eval"))
+    claim_output(out, OUTPUTS, given=args.out is not None, overwrite=args.overwrite)
     device = pick_device(args.device, key="--device")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
         if cfg.trainer.precision == "bf16" else nullcontext
@@ -102,7 +107,6 @@ def eval_main(argv: list[str]) -> None:
         "loss": OmegaConf.to_container(cfg.loss, resolve=True), "overrides": list(args.overrides),
         "metrics": metrics, "samples": samples,
     }
-    out = Path(args.out).expanduser() if args.out else (run_dir / "eval" if run_dir else Path("eval"))
     write_report(report, out)
 
 
@@ -197,12 +201,10 @@ def _quoted(text: str) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory '{out}': {e.strerror or e}; pick another --out") from None
     table = render_markdown(report)
-    (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "eval.md").write_text(table, encoding="utf-8")
+    text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+    writers = {"eval.json": lambda path: path.write_text(text, encoding="utf-8"),
+               "eval.md": lambda path: path.write_text(table, encoding="utf-8")}
+    paths = write_files(out, writers, "the eval report", "tidpo eval")
     print(table.split("\n## ")[0].rstrip())
-    print(f"\nwrote {out / 'eval.json'}\nwrote {out / 'eval.md'}")
+    print("\n" + "\n".join(f"wrote {path}" for path in paths))

@@ -34,7 +34,7 @@ from .data.tokenize import tokenize_example
 from .errors import CommandLineParser, UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
 from .modeling import pick_device
-from .trained import load_trained, locate, run_config
+from .trained import claim_output, load_trained, locate, run_config, write_files
 
 DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
 DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4
@@ -42,6 +42,7 @@ DEFAULT_MAX_LENGTH = 512
 DEFAULT_ROWS = "0:8"
 PNG_MAX_EXAMPLES = 8
 SIDES = ("chosen", "rejected")
+OUTPUTS = ("explain.html", "explain.png", "explain.json")
 
 # Stand-ins that make invisible characters visible in the HTML and on the PNG's axis.
 _VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default="train", help="split for a dataset folder or hub name (default: train)")
     data.add_argument("--rows", default=DEFAULT_ROWS, help="START:STOP row range, or one row index (default: 0:8)")
     parser.add_argument("--out", metavar="DIR", help="output directory (default: ./explain, or RUN/explain)")
+    parser.add_argument("--overwrite", action="store_true", help="replace explain.html, explain.png and "
+                        "explain.json in --out DIR (the default folder is always rewritten)")
     parser.add_argument("--lam", type=float, help=f"importance vs prior mix λ (default: the run's, else {DEFAULT_LAM})")
     parser.add_argument("--sigma-div", type=float,
                         help=f"prior width σ = n / SIGMA_DIV (default: the run's, else {DEFAULT_SIGMA_DIV:g})")
@@ -460,6 +463,7 @@ def explain_main(argv: list[str]) -> None:
     opts = settings(args, cfg)
     device = pick_device(args.device, key="--device")
     out = Path(args.out).expanduser() if args.out else (run_dir / "explain" if run_dir else Path("explain"))
+    claim_output(out, OUTPUTS, given=args.out is not None, overwrite=args.overwrite)
 
     trained = load_trained(args.model, device)
     model, tokenizer = trained.model, trained.tokenizer
@@ -486,16 +490,14 @@ def explain_main(argv: list[str]) -> None:
 
 
 def write_outputs(tables: list[dict], out: Path, meta: dict) -> list[Path]:
-    """explain.html, explain.png and explain.json under `out`; prints and returns their paths."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the output directory '{out}': {e.strerror or e}; pick another --out") from None
-    paths = [out / "explain.html", out / "explain.png", out / "explain.json"]
-    paths[0].write_text(render_html(tables, title=f"tidpo explain · {meta['model']}"), encoding="utf-8")
-    render_png(tables, paths[1])
-    paths[2].write_text(json.dumps({**meta, "span": "response", "examples": tables}, indent=1, ensure_ascii=False),
-                        encoding="utf-8")
+    """explain.html, explain.png and explain.json under `out` (all three or none); prints and returns their
+    paths."""
+    page = render_html(tables, title=f"tidpo explain · {meta['model']}")
+    numbers = json.dumps({**meta, "span": "response", "examples": tables}, indent=1, ensure_ascii=False)
+    writers = {"explain.html": lambda path: path.write_text(page, encoding="utf-8"),
+               "explain.png": lambda path: render_png(tables, path),
+               "explain.json": lambda path: path.write_text(numbers, encoding="utf-8")}
+    paths = write_files(out, writers, "the explain output", "tidpo explain")
     for path in paths:
         print(f"wrote {path}")
     return paths

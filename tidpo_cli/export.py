@@ -15,7 +15,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoint import save_hf_model
 from .errors import CommandLineParser, UserError
 from .modeling import DTYPES
-from .trained import load_trained
+from .trained import load_trained, made_dir, probe_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,11 @@ def export_main(argv: list[str]) -> None:
         raise UserError(f"OUT '{out}' is a file: give a directory path")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"OUT '{out}' already holds files: pick a new directory, or add --overwrite to replace it")
+    probe_writable(out, "OUT")  # a read-only or full disk stops here, before the model loads
     hf_logging.disable_progress_bar()  # no weight-writing bar for a one-file copy
     trained = load_trained(args.source, torch.device("cpu"))
     model = trained.model.to(DTYPES[args.dtype]) if args.dtype else trained.model
-    save_hf_model(model, trained.tokenizer, out)
+    with made_dir(out.parent, "the model", "OUT"):  # parents made for OUT go again when the write fails
+        save_hf_model(model, trained.tokenizer, out)  # OUT.tmp, renamed when complete; removed on a full disk
     print(f"exported {trained.source} -> {out}")
     print(f'load it: AutoModelForCausalLM.from_pretrained("{out}") (and AutoTokenizer the same way)')

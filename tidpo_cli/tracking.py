@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .disk import DiskError, writing
+
 log = logging.getLogger("tidpo")
 
 EVAL_HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
@@ -54,36 +56,59 @@ class JsonlSink:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        with writing("the metrics log", path):
+            self.file = open(path, "a", encoding="utf-8")
+            if self.file.tell() and not path.read_bytes().endswith(b"\n"):
+                self.file.write("\n")  # a row cut by a kill ends here, so the next row starts a line of its own
+        self.failed = False
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        try:
+            with writing("the metrics log", self.path):
+                self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.file.flush()
+        except DiskError:
+            self.failed = True  # the rows before stay valid; a cut last one is dropped when read
+            raise
+
+    def rows(self) -> list[dict]:
+        """Every complete row (a row cut by a kill or a full disk is left out)."""
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                out.append(row)
+        return out
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (by a run killed after its last checkpoint), so a resumed run's
-        history has every step once."""
+        history has every step once; and any row a kill cut short."""
         self.file.close()
-        rows = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+        kept = [json.dumps(r) + "\n" for r in self.rows() if r["step"] <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(self.path)
+        with writing("the metrics log", tmp):
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.path)
         self.file = open(self.path, "a", encoding="utf-8")
 
     def logged(self, step: int) -> dict[str, float]:
         """The metrics already logged for `step`, merged (the eval before training is step 0)."""
         self.file.flush()
         merged: dict[str, float] = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.pop("step") == step:
-                    merged.update(row)
+        for row in self.rows():
+            if row.pop("step") == step:
+                merged.update(row)
         return merged
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            if not self.failed:  # the failed write was reported already; its buffer cannot be written either
+                raise
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -183,6 +208,12 @@ class Tracker:
         if self.jsonl is not None:
             self.jsonl.truncate_after(step)
         self.progress.start_step = step
+
+    def start_over(self) -> None:
+        """A start from step 0 in a run dir whose earlier start saved no checkpoint: its rows are dropped, so the
+        history is this start's alone."""
+        if self.jsonl is not None:
+            self.jsonl.truncate_after(-1)
 
     def logged(self, step: int) -> dict[str, float]:
         return self.jsonl.logged(step) if self.jsonl is not None else {}

@@ -1,21 +1,32 @@
 """What a run produced, found and loaded: a run directory, its `final/` model, any `checkpoints/step-N/`, or
-any HF model directory; and the reference model that run trained against.
+any HF model directory; and the reference model that run trained against. And where the commands that read it
+write what they make (`claim_output`, `write_files`).
 
-`tidpo eval`, `tidpo explain` and `tidpo export` all start here, so they accept the same paths.
+`tidpo eval`, `tidpo explain`, `tidpo export` and `tidpo benchmark` all start here, so they accept the same paths
+and stop alike, with one line, on a model that cannot be loaded (missing, truncated, changed on disk, or of
+another shape than its config says) and on an output they may not or cannot write.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint import fill_weights, list_checkpoints, load_weights
+from .disk import DiskError, fault_of
 from .distributed import read_engine_weights
 from .errors import UserError
+from .manifest import check_files, has_manifest
 
 ACCEPTED = "a run directory, RUN/final, RUN/checkpoints/step-N, or an HF model directory"
 
@@ -70,12 +81,15 @@ def run_config(run_dir: Path | None, checkpoint: Path | None = None) -> DictConf
     return None
 
 
-def load_trained(path: str | Path, device: torch.device) -> Trained:
-    """The trained model at `path` (see `locate`), ready to evaluate: eval mode, frozen, adapter merged."""
+def load_trained(path: str | Path, device: torch.device, *, checked: bool = False) -> Trained:
+    """The trained model at `path` (see `locate`), ready to evaluate: eval mode, frozen, adapter merged. A
+    checkpoint's files are checked against its manifest first, unless `checked` says that was done."""
     kind, source, run_dir = locate(path)
     if kind == "hf":
         model, tokenizer = load_hf(source, device)
         return Trained(model, tokenizer, source, run_dir, run_config(run_dir))
+    if not checked:
+        check_checkpoint(source, run_dir)  # before a model is built for it
     cfg = run_config(run_dir, source)
     if cfg is None:
         raise UserError(f"checkpoint '{source}' has no config.yaml: it was not written by tidpo train")
@@ -92,12 +106,61 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
     target = peft_model.get_base_model() if peft_model is not None else model
     engine_weights = read_engine_weights(source)  # a DeepSpeed checkpoint: shards merged on the CPU
     if engine_weights is None:
-        load_weights(target, source / "model.safetensors")
+        _load_checkpoint_weights(target, source, run_dir)
     else:
         fill_weights(target, engine_weights, source)
     if peft_model is not None:
         model = peft_model.merge_and_unload()
     return Trained(_frozen(model, device), tokenizer, source, run_dir, cfg)
+
+
+def check_checkpoint(source: Path, run_dir: Path | None) -> None:
+    """A checkpoint's files against the sizes and checksums its manifest lists (one written by an older tidpo has
+    none: its weights are checked as they load): a truncated or changed file is a UserError naming it."""
+    problem = check_files(source) if has_manifest(source) else None
+    if problem is not None:
+        raise UserError(f"checkpoint {source} cannot be read: {problem}; {_instead(source, run_dir)}")
+
+
+def _load_checkpoint_weights(model: torch.nn.Module, source: Path, run_dir: Path | None) -> None:
+    """`source/model.safetensors` into `model`. A checkpoint with a manifest was checked already; an older one
+    can still be truncated or damaged (the file's header says so) or hold weights of another shape."""
+    weights = source / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"checkpoint {source} has no model.safetensors (and no DeepSpeed shards): "
+                        f"{_instead(source, run_dir)}")
+    try:
+        load_weights(model, weights)
+    except SafetensorError as e:
+        raise UserError(f"checkpoint {source} cannot be read: {weights.name} is truncated or damaged "
+                        f"({_first_line(e)}); {_instead(source, run_dir)}") from None
+    except RuntimeError as e:
+        if not str(e).startswith("Error(s) in loading state_dict"):  # torch's and safetensors' words for it
+            raise
+        raise UserError(f"{weights} does not fit the model its config.yaml describes ({_first_line(e, 1)}): was "
+                        "it copied from another run, or its config.yaml edited?") from None
+
+
+def _instead(source: Path, run_dir: Path | None) -> str:
+    """What to load instead of a damaged checkpoint: the next older checkpoint of its run (else the next newer
+    one), or the run's final/ model."""
+    found = list_checkpoints(run_dir) if run_dir is not None else []
+    resolved = [p.resolve() for p in found]
+    where = resolved.index(source.resolve()) if source.resolve() in resolved else None
+    older = found[:where] if where is not None else []
+    newer = found[where + 1:] if where is not None else []
+    choices = [f"the older checkpoint {older[-1]}"] if older else [f"the checkpoint {newer[0]}"] if newer else []
+    if run_dir is not None and (run_dir / "final" / "config.json").is_file():
+        choices.append(f"the run's final model {run_dir / 'final'}")
+    return ("pass " + " or ".join(choices) + " instead") if choices else \
+        "pass another checkpoint, or train again from an intact one"
+
+
+def _first_line(e: BaseException, index: int = 0, limit: int = 240) -> str:
+    """Line `index` of an exception's message (else its first), cut to `limit` characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    line = (lines[index] if len(lines) > index else lines[0]) if lines else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def reference_dir(run_dir: Path | None) -> Path | None:
@@ -118,7 +181,9 @@ def reference_source(trained: Trained) -> str | None:
 
 
 def load_hf(model_dir: str | Path, device: torch.device, *, trust_remote_code: bool = False):
-    """(model, tokenizer) from an HF directory or hub name, in its saved dtype, frozen, eval mode, on `device`."""
+    """(model, tokenizer) from an HF directory or hub name, in its saved dtype, frozen, eval mode, on `device`.
+    A weights file that is truncated or damaged, or weights that do not fill the model its config.json describes
+    (missing or of another shape: the model would compute with random values), are a UserError naming them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -126,11 +191,18 @@ def load_hf(model_dir: str | Path, device: torch.device, *, trust_remote_code: b
     hf_logging.disable_progress_bar()  # a weight-loading bar per model is noise here
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code)
+        with _held_load_report() as report:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype="auto", trust_remote_code=trust_remote_code, output_loading_info=True,
+                ignore_mismatched_sizes=True)  # a mismatch is reported below, in one line
+            _check_loaded(model_dir, info)
+            report.release()
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load a model and tokenizer from '{model_dir}': {first} "
+        raise UserError(f"cannot load a model and tokenizer from '{model_dir}': {_first_line(e)} "
                         "(it needs config.json, the weights and the tokenizer files, as RUN/final has)") from None
+    except SafetensorError as e:
+        raise UserError(f"cannot load the model in '{model_dir}': {damaged_weights(model_dir) or 'a weights file'} "
+                        f"is truncated or damaged ({_first_line(e)}): {_rewrite_hint(model_dir)}") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -139,6 +211,205 @@ def load_hf(model_dir: str | Path, device: torch.device, *, trust_remote_code: b
     return _frozen(model, device), tokenizer
 
 
+def _check_loaded(model_dir: str | Path, info: dict) -> None:
+    """Weights the model needs and the files lack, or hold in another shape: the model would use random ones."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    if not (mismatched or missing):
+        return
+    if mismatched:
+        name, there, here = mismatched[0]
+        example = f"{name} is {list(there)} in the weights, {list(here)} in config.json"
+    else:
+        example = f"{missing[0]} is not in the weights"
+    counts = ", ".join(f"{len(keys)} weights {what}" for keys, what in ((missing, "missing"),
+                                                                        (mismatched, "of another shape")) if keys)
+    raise UserError(f"the weights in '{model_dir}' do not fit its config.json ({counts}, e.g. {example}): were "
+                    "config.json and the weights copied from different models? Copy the directory again as a whole")
+
+
+class _HeldRecords(logging.Filter):
+    """Holds transformers' loading report back until the load is known to be good: a refused model ends in one
+    line, not in a table of every missing key above it."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.records = logger, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def release(self) -> None:
+        self.logger.removeFilter(self)
+        for record in self.records:
+            self.logger.handle(record)
+        self.records = []
+
+
+@contextmanager
+def _held_load_report() -> Iterator[_HeldRecords]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldRecords(logger)
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+
+
+def damaged_weights(model_dir: str | Path) -> Path | None:
+    """The first safetensors file of an HF model directory whose header cannot be read or whose size falls short
+    of what the header lists (a truncated copy); None when all open (or `model_dir` is a hub name)."""
+    directory = Path(model_dir).expanduser()
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return None
+
+
+def check_hf_weights(model_dir: Path) -> None:
+    """A quick look, reading headers only, for a model another program loads (lm-eval): its weights are there and
+    none is truncated or damaged."""
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("pytorch_model*.bin")):
+        raise UserError(f"'{model_dir}' has config.json but no weights (model.safetensors): copy the model "
+                        "directory again as a whole")
+    damaged = damaged_weights(model_dir)
+    if damaged is not None:
+        raise UserError(f"cannot load the model in '{model_dir}': {damaged} is truncated or damaged: "
+                        f"{_rewrite_hint(model_dir)}")
+
+
+def _rewrite_hint(model_dir: str | Path) -> str:
+    """How to get a damaged model directory back: a run's final/ from the run's newest checkpoint, else a copy."""
+    directory = Path(model_dir).expanduser()
+    checkpoints = list_checkpoints(directory.parent) if directory.name == "final" else []
+    if checkpoints:
+        return (f"write it anew from the run's newest checkpoint (tidpo export {checkpoints[-1]} {directory} "
+                f"--overwrite), or pass that checkpoint instead")
+    return "copy the model directory again from where it came from"
+
+
 def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model.requires_grad_(False)  # nothing here trains; the importance pass needs the embeddings' gradient only
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+#
+# A path the user names (--out DIR, export's OUT) is never written over without --overwrite; the default folders
+# (RUN/eval, RUN/explain, RUN/benchmark, ./eval, ...) hold the latest report and are rewritten, saying so. The
+# files are written under temporary names and renamed when all are on disk, so a full disk leaves no half-written
+# report, and a directory made for them is removed again when nothing came of it.
+
+def claim_output(out: Path, names: Sequence[str], *, given: bool, overwrite: bool) -> None:
+    """Before any work: refuse an output directory that is a file, or a given one that holds one of `names`
+    already (unless --overwrite), and try a small write where the files will go, so that a full, read-only or
+    foreign disk stops the command now rather than after the evaluation."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file: give a directory path")
+    existing = [name for name in names if (out / name).exists()]
+    if existing and given and not overwrite:
+        raise UserError(f"--out {out} already holds {', '.join(existing)}: pick another --out, or add --overwrite "
+                        f"to replace {'it' if len(existing) == 1 else 'them'}")
+    probe_writable(out, "--out")
+
+
+def probe_writable(out: Path, flag: str) -> None:
+    """Write, sync and remove a small file in `out`, or in its nearest existing parent when it is not made yet
+    (nothing is created here)."""
+    place = out
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise UserError(f"{flag} '{out}' goes through {place}, which is a file: pick another path")
+    probe = place / f".tidpo-write-test-{os.getpid()}"
+    with writing_output("the output", out, flag):
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+
+
+@contextmanager
+def made_dir(out: Path, what: str, flag: str = "--out") -> Iterator[Path]:
+    """`out` made (with its parents) for the block; when the block fails, what was made here and is still empty
+    is removed again."""
+    made = []
+    place = out
+    while not place.exists() and place != place.parent:
+        made.append(place)
+        place = place.parent
+    try:
+        with writing_output(what, out, flag):
+            out.mkdir(parents=True, exist_ok=True)
+        yield out
+    except BaseException:
+        for directory in made:  # deepest first; a directory that holds something stays
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def write_files(out: Path, writers: dict[str, Callable[[Path], None]], what: str, prog: str,
+                flag: str = "--out") -> list[Path]:
+    """Each `writers[name](path)` writes to a temporary name in `out`; once every file is written and synced,
+    they take their names (`prog` says so on stderr when earlier ones are replaced). On a failure the temporary
+    files (and a directory made for them) are removed and the earlier files, if any, are as they were. A disk
+    fault is a one-line DiskError naming the file."""
+    done: list[tuple[Path, Path]] = []
+    earlier = [name for name in writers if (out / name).exists()]
+    with made_dir(out, what, flag):
+        try:
+            for name, write in writers.items():
+                tmp, final = out / f".tidpo-tmp-{os.getpid()}-{name}", out / name  # the suffix kept (savefig)
+                done.append((tmp, final))
+                with writing_output(what, final, flag):
+                    write(tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())  # a full disk may show only here (NFS, delayed allocation)
+            for tmp, final in done:
+                with writing_output(what, final, flag):
+                    os.replace(tmp, final)
+        except BaseException:
+            for tmp, _ in done:
+                tmp.unlink(missing_ok=True)
+            raise
+    if earlier:
+        print(f"{prog}: replaced the earlier {', '.join(earlier)} in {out}", file=sys.stderr)
+    return [final for _, final in done]
+
+
+@contextmanager
+def writing_output(what: str, path: Path, flag: str = "--out"):
+    """disk.writing for a command's output: a disk fault raised inside is one line naming the file, and the fix
+    names `flag` (the option that picks the place)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        fault = fault_of(e, Path(path))
+        if fault is None and isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            fault = e.strerror  # a path no file system takes: the user's to change
+        if fault is None:
+            raise
+        raise DiskError(output_fault(what, getattr(e, "filename", None) or path, fault, flag)) from None
+
+
+def output_fault(what: str, path: Path | str, fault: str, flag: str) -> str:
+    """disk.message, with the fix in terms of the command's own option rather than hydra.run.dir."""
+    hint = {os.strerror(errno.ENOSPC): f"free space there, or give {flag} a directory on another disk",
+            os.strerror(errno.EDQUOT): f"free space within your quota there, or give {flag} another directory",
+            os.strerror(errno.EROFS): f"give {flag} a directory on a file system mounted read-write",
+            os.strerror(errno.ENOTDIR): f"a part of the path is a file, not a directory: give {flag} another path"}
+    fix = hint.get(fault, f"check its permissions, or give {flag} another directory")
+    return f"cannot write {what} {path}: {fault}; {fix}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +20,11 @@ from transformers.utils import logging as hf_logging
 
 from .config import config_changes
 from .distributed import Dist, build_engine, setup, shard_reference
-from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint, save_hf_model
+from .checkpoint import (TrainState, choose_checkpoint, find_resume_checkpoint, load_checkpoint, save_checkpoint,
+                         save_hf_model)
+from .disk import check_writable, stop_on_log_write_errors
+from .manifest import layout_of
+from .runlock import RunLock
 from .errors import DataError, UserError
 from .data.batches import BatchStream, eval_batches
 from .data.examples import TokenizedExample
@@ -42,17 +48,41 @@ Batch = dict[str, torch.Tensor]
 PREEMPTED_EXIT_CODE = 75
 
 
-class StopSignals:
-    """Remembers a SIGTERM or SIGUSR1 (SLURM preemption) so the loop can stop at the next step boundary."""
+# Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT, the shell's code for it): a user's
+# stop, which scripts/slurm does not requeue; the next start resumes all the same.
+INTERRUPTED_EXIT_CODE = 130
+REPEAT_WINDOW_S = 2.0  # a Ctrl-C under torchrun reaches each worker twice (the terminal's, the agent's): one press
 
-    def __init__(self) -> None:
+
+class StopSignals:
+    """Remembers a SIGTERM or SIGUSR1 (SLURM preemption) or a first Ctrl-C (SIGINT), so the loop can checkpoint and
+    stop at the next step boundary. A second Ctrl-C stops at once, without a checkpoint (`on_abort` first)."""
+
+    def __init__(self, on_abort=lambda: None, announce: bool = True) -> None:
         self.received: int | None = None
+        self.at = 0.0
+        self.on_abort, self.announce = on_abort, announce  # announce: say so on stderr (rank 0 only)
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        now = time.monotonic()
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            if now - self.at < REPEAT_WINDOW_S:
+                return
+            if self.announce:
+                sys.stderr.write("tidpo: second Ctrl-C: stopped at once, without a checkpoint (the saved ones are "
+                                 "kept; the next start resumes from the newest)\n")
+                sys.stderr.flush()
+            self.on_abort()
+            os._exit(INTERRUPTED_EXIT_CODE)
+        if self.received is None:
+            self.received, self.at = signum, now
+            if signum == signal.SIGINT and self.announce:
+                sys.stderr.write("tidpo: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again "
+                                 "to stop at once, without one)\n")
+                sys.stderr.flush()
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -144,11 +174,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run the whole training job that `cfg` (validated) describes; write everything into `run_dir`.
 
     Every process of a distributed job runs this; rank 0 alone writes metrics, logs progress and saves models.
+    The run directory is checked for writing and locked (runlock.py) before anything loads.
     """
+    check_writable(run_dir)
+    stop_on_log_write_errors()
+    dist = setup(pick_device(cfg.trainer.device), deepspeed_enabled=cfg.deepspeed.enabled)
+    with RunLock(run_dir, dist) as lock:
+        return _train(cfg, run_dir, dist, lock)
+
+
+def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[str, float]:
     t = cfg.trainer
-    run_dir.mkdir(parents=True, exist_ok=True)
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
-    dist = setup(pick_device(t.device), deepspeed_enabled=cfg.deepspeed.enabled)
     device = dist.device
     check_attention(cfg, device)
     if not dist.main:
@@ -197,7 +234,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     # One global stream of micro-batches, the same on every rank; rank r takes micro-batches r, r + world, ...
     stream = BatchStream(splits.train, t.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
                          shuffle=cfg.data.shuffle, group_by_length=cfg.data.group_by_length)
-    checkpoint = find_resume_checkpoint(run_dir, t.resume)
+    layout = layout_of(policy, cfg.deepspeed, dist.world)  # before DeepSpeed partitions the parameters
+    checkpoint = choose_checkpoint(run_dir, t.resume, layout, dist)  # checked before anything is loaded
     # Timed before DeepSpeed wraps the model (a plain module, whose gradients can be taken and dropped), under
     # the bf16 autocast that DeepSpeed's own cast stands for later.
     stream.share_prompt = training_layout(cfg, policy, stream, device, bf16, dist, checkpoint)
@@ -224,6 +262,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         changed = config_changes(OmegaConf.load(checkpoint / "config.yaml"), cfg)
         if changed:  # allowed (e.g. more steps), but a resumed run then differs from an uninterrupted one
             log.warning("the config differs from the checkpoint's: %s", "; ".join(changed))
+    elif t.resume == "auto":
+        tracker.start_over()
     state.share_prompt = stream.share_prompt  # what the checkpoints of this run say it trains with
 
     if checkpoint is not None and state.step == steps:
@@ -238,11 +278,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
     def checkpoint_now() -> None:
         state.epoch, state.position = read_to
-        path = save_checkpoint(run_dir, state, engine, cfg, t.keep_last, dist)
+        path = save_checkpoint(run_dir, state, engine, cfg, t.keep_last, dist, layout)
         log.info("checkpoint: %s", path)
 
     before = (run_eval(0) if splits.eval and t.eval_before else {}) if state.step == 0 else tracker.logged(0)
-    signals = StopSignals()
+    signals = StopSignals(on_abort=lock.release, announce=dist.main)
     batches = iter(stream)
     ahead: list[tuple[list, tuple[int, int]]] = []  # steps read in advance: (this rank's micro-batches, stream place)
 
@@ -325,6 +365,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             stop = dist.max(signals.received or 0)
             if stop and step != steps:
                 checkpoint_now()
+                if stop == signal.SIGINT:
+                    log.info("Ctrl-C: checkpoint saved at step %d; the same command resumes from it (exit code %d)",
+                             step, INTERRUPTED_EXIT_CODE)
+                    raise SystemExit(INTERRUPTED_EXIT_CODE)
                 log.info("received %s: checkpoint saved at step %d; exiting with code %d so the job is "
                          "requeued; the next start resumes", signal.Signals(stop).name, step,
                          PREEMPTED_EXIT_CODE)

@@ -21,7 +21,8 @@ _REASONS_SHOWN = 3  # distinct reasons in the one-line summary
 class PrepareReport:
     """What `prepare` did with the rows it read.
 
-    `source` is the file or dataset the rows came from (taken from the first row's `where`), `fmt` the
+    `source` is the file or dataset the rows came from (taken from the first row's `where`; the given source
+    when there is none), `fmt` the
     format used (resolved when "auto").
     """
 
@@ -70,22 +71,24 @@ def prepare(
     max_prompt_length: int,
     on_bad_row: str = "skip",
     max_rows: int | None = None,
+    source: str = "",
 ) -> tuple[list[TokenizedPair], PrepareReport]:
     """Convert and tokenize `(where, row)` pairs; return the usable pairs and a report.
 
     `fmt` is one of `FORMATS` or "auto" (detected from the first row whose layout is recognisable, then
     held: a later row of another layout is a bad row). A bad row is counted and skipped
     (`on_bad_row="skip"`) or ends the run with a `DataError` naming it (`"error"`). `max_rows` stops after
-    that many rows have been read. Raises `DataError` when no row is usable.
+    that many rows have been read. Raises `DataError` when no row is usable. `source` names the file or dataset
+(with its split) in the report before any row is read, so an empty one is named too.
     """
     _check_options(fmt, on_bad_row, max_rows)
     check_lengths(max_length, max_prompt_length)
-    report = PrepareReport(fmt="" if fmt == "auto" else fmt)
+    report = PrepareReport(fmt="" if fmt == "auto" else fmt, source=source)
     held = None if fmt == "auto" else fmt
     pairs: list[TokenizedPair] = []
     for where, row in rows:
         report.rows += 1
-        if not report.source:
+        if report.rows == 1:  # the rows name themselves best (the given `source` is for an empty one)
             report.source = _source_of(where)
         try:
             if held is None:
@@ -120,7 +123,7 @@ def _nothing_usable(report: PrepareReport, fmt: str) -> str:
     """The message for a run where no row could be used."""
     source = report.source or "the data"
     if report.rows == 0:
-        return f"no rows read from {source}: the file or split is empty"
+        return f"no rows read from {source}: the file or split is empty (point data.path at a file with rows)"
     first = "; ".join(report.first_skipped[:3])
     return (
         f"no usable rows in {source}: all {report.rows} rows were bad (format {report.fmt or fmt}); "

@@ -42,7 +42,7 @@ def load_splits(cfg: DictConfig, tokenizer, seed: int, *, held_out_only: bool = 
         pairs, report = prepare(rows, "conversational", tokenizer, max_rows=cfg.max_rows, **options)
     else:
         pairs, report = prepare(read_rows(cfg.path, cfg.split), cfg.format, tokenizer,
-                                max_rows=cfg.max_rows, **options)
+                                max_rows=cfg.max_rows, source=_named(cfg.path, cfg.split), **options)
     reports = {"train": report}
 
     if cfg.eval_path is None and cfg.eval_split is None:
@@ -90,5 +90,10 @@ def _with_eval(splits: Splits, cfg: DictConfig, tokenizer, options: dict) -> Spl
             f"set data.eval_path to a held-out file, or data.eval_split=null to hold out data.eval_size rows"
         )
     splits.eval, splits.reports["eval"] = prepare(read_rows(eval_source, cfg.eval_split), cfg.format, tokenizer,
-                                                  **options)
+                                                  source=_named(eval_source, cfg.eval_split), **options)
     return splits
+
+
+def _named(path, split) -> str:
+    """How a report names a data source before its first row: the file, or the dataset and its split."""
+    return f"{path} (split {split})" if split and not Path(path).is_file() else str(path)
