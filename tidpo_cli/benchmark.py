@@ -90,7 +90,8 @@ def benchmark_main(argv: list[str]) -> None:
     check_code_eval(tasks, args.allow_code_eval)
 
     from .modeling import pick_device
-    from .trained import check_checkpoint, check_hf_weights, claim_output, locate, made_dir
+    from .outputs import claim_output, made_dir
+    from .trained import check_checkpoint, check_hf_weights, locate
 
     kind, source, run_dir = locate(args.model)  # a bad path stops here, before lm-eval indexes its tasks
     # A damaged model is named now, not after the datasets are fetched: an HF directory's weights by their headers
@@ -287,7 +288,7 @@ def hf_model_dir(kind: str, source: Path, out: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=".model-", dir=out) as tmp:
         # The same load and LoRA merge as `tidpo export`; the files were checked before the tasks loaded.
         trained = load_trained(source, torch.device("cpu"), checked=True)
-        model_dir = save_hf_model(trained.model, trained.tokenizer, Path(tmp) / "model")
+        model_dir = save_hf_model(trained.model, trained.tokenizer, Path(tmp) / "model", option="--out")
         del trained
         print(f"exported checkpoint {source} for lm-eval", file=sys.stderr)
         yield model_dir
@@ -352,7 +353,7 @@ def _json_default(value: Any) -> Any:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from .trained import write_files
+    from .outputs import write_files
 
     table = render_markdown(report)
     text = json.dumps(report, indent=1, ensure_ascii=False, default=_json_default) + "\n"

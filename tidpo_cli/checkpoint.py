@@ -32,12 +32,14 @@ log = logging.getLogger("tidpo")
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_hf_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> Path:
+def save_hf_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None,
+                  option: str = "hydra.run.dir") -> Path:
     """An HF model directory (safetensors weights, config, generation config, tokenizer) at `out_dir`;
     `state_dict` (e.g. gathered from ZeRO-3 partitions) instead of the model's own weights when given.
 
     Written to a temporary sibling and renamed when complete, so `out_dir` is never half-written;
-    an existing `out_dir` is replaced only after the new one is complete.
+    an existing `out_dir` is replaced only after the new one is complete. A full disk is a `DiskError` whose fix
+    names `option`, the setting that picks the place.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -52,7 +54,7 @@ def save_hf_model(model, tokenizer, out_dir: Path, state_dict: dict | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         if fault is None:
             raise
-        raise DiskError(disk_message("the model", getattr(e, "filename", None) or tmp, fault) +
+        raise DiskError(disk_message("the model", getattr(e, "filename", None) or tmp, fault, option) +
                         f"; the partial copy was removed{', ' + str(out_dir) + ' is as it was' if out_dir.exists() else ''}"
                         ) from None
     return out_dir

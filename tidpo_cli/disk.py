@@ -20,7 +20,7 @@ from .errors import UserError
 
 # errnos that are the machine's or the user's, not a bug of ours.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EIO,
-               errno.EFBIG, errno.EISDIR}
+               errno.EFBIG, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 LOW_SPACE = 1 << 20  # below this many free bytes a failed write is taken for a full disk
 
 
@@ -55,16 +55,18 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def message(what: str, path: Path, fault: str) -> str:
-    hint = {os.strerror(errno.ENOSPC): "free space there (or point hydra.run.dir at a larger disk)",
-            os.strerror(errno.EDQUOT): "free space within your quota there",
-            os.strerror(errno.EROFS): "write to a file system mounted read-write",
-            os.strerror(errno.ENOTDIR): "a part of the path is a file, not a directory: pick another path"}
-    return f"cannot write {what} {path}: {fault}; {hint.get(fault, 'check its permissions and the disk')}"
+def message(what: str, path: Path, fault: str, option: str = "hydra.run.dir") -> str:
+    """One line: what could not be written where, the system's words for why, and the fix in terms of `option`
+    (the setting that picks the place: hydra.run.dir for a run, --out or OUT for the other commands)."""
+    hint = {os.strerror(errno.ENOSPC): f"free space there, or point {option} at another disk",
+            os.strerror(errno.EDQUOT): f"free space within your quota there, or point {option} elsewhere",
+            os.strerror(errno.EROFS): f"point {option} at a file system mounted read-write",
+            os.strerror(errno.ENOTDIR): f"a part of the path is a file, not a directory: give {option} another path"}
+    return f"cannot write {what} {path}: {fault}; {hint.get(fault, f'check its permissions, or point {option} elsewhere')}"
 
 
 @contextmanager
-def writing(what: str, path: Path):
+def writing(what: str, path: Path, option: str = "hydra.run.dir"):
     """Turn a disk fault raised inside into a one-line `DiskError` about `what` at `path`."""
     try:
         yield
@@ -74,16 +76,19 @@ def writing(what: str, path: Path):
         fault = fault_of(e, path)
         if fault is None:
             raise
-        raise DiskError(message(what, getattr(e, "filename", None) or path, fault)) from None
+        raise DiskError(message(what, getattr(e, "filename", None) or path, fault, option)) from None
 
 
-def check_writable(directory: Path, what: str = "the run directory") -> None:
-    """Create `directory` (with its parents) and write, sync and remove a small file in it: a path through a
-    file, a read-only mount or a full disk shows here, before a model loads, not at the first checkpoint."""
+def check_writable(directory: Path, what: str = "the run directory", option: str = "hydra.run.dir",
+                   create: bool = True, shown: Path | None = None) -> None:
+    """Create `directory` (with its parents; with `create=False` it must exist) and write, sync and remove a small
+    file in it: a path through a file, a read-only mount or a full disk shows here, before a model loads, not at
+    the first checkpoint. The message names `shown` (default: `directory`), the path the user gave."""
     directory = Path(directory)
-    with writing(what, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".tidpo-write-test-{os.getpid()}"
+    probe = directory / f".tidpo-write-test-{os.getpid()}"
+    try:
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
         try:
             with open(probe, "wb") as f:
                 f.write(b"0" * 4096)
@@ -91,6 +96,11 @@ def check_writable(directory: Path, what: str = "the run directory") -> None:
                 os.fsync(f.fileno())
         finally:
             probe.unlink(missing_ok=True)
+    except Exception as e:
+        fault = fault_of(e, directory)
+        if fault is None:
+            raise
+        raise DiskError(message(what, shown or directory, fault, option)) from None
 
 
 def stop_on_log_write_errors() -> None:

@@ -26,7 +26,8 @@ from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
 from .loss_specs import needs_reference
-from .trained import Trained, claim_output, load_hf, load_trained, locate, reference_source, write_files
+from .outputs import claim_output, write_files
+from .trained import Trained, load_hf, load_trained, locate, reference_source
 
 OUTPUTS = ("eval.json", "eval.md")
 TABLE = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",

@@ -34,7 +34,8 @@ from .data.tokenize import tokenize_example
 from .errors import CommandLineParser, UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
 from .modeling import pick_device
-from .trained import claim_output, load_trained, locate, run_config, write_files
+from .outputs import claim_output, write_files
+from .trained import load_trained, locate, run_config
 
 DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
 DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4

@@ -15,7 +15,8 @@ from transformers.utils import logging as hf_logging
 from .checkpoint import save_hf_model
 from .errors import CommandLineParser, UserError
 from .modeling import DTYPES
-from .trained import load_trained, made_dir, probe_writable
+from .outputs import made_dir, probe_writable
+from .trained import load_trained
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,6 @@ def export_main(argv: list[str]) -> None:
     trained = load_trained(args.source, torch.device("cpu"))
     model = trained.model.to(DTYPES[args.dtype]) if args.dtype else trained.model
     with made_dir(out.parent, "the model", "OUT"):  # parents made for OUT go again when the write fails
-        save_hf_model(model, trained.tokenizer, out)  # OUT.tmp, renamed when complete; removed on a full disk
+        save_hf_model(model, trained.tokenizer, out, option="OUT")  # OUT.tmp, renamed when complete; removed on a full disk
     print(f"exported {trained.source} -> {out}")
     print(f'load it: AutoModelForCausalLM.from_pretrained("{out}") (and AutoTokenizer the same way)')

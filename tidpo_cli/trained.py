@@ -1,6 +1,5 @@
 """What a run produced, found and loaded: a run directory, its `final/` model, any `checkpoints/step-N/`, or
-any HF model directory; and the reference model that run trained against. And where the commands that read it
-write what they make (`claim_output`, `write_files`).
+any HF model directory; and the reference model that run trained against (outputs.py: where they write).
 
 `tidpo eval`, `tidpo explain`, `tidpo export` and `tidpo benchmark` all start here, so they accept the same paths
 and stop alike, with one line, on a model that cannot be loaded (missing, truncated, changed on disk, or of
@@ -9,21 +8,17 @@ another shape than its config says) and on an output they may not or cannot writ
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import fill_weights, list_checkpoints, load_weights
-from .disk import DiskError, fault_of
 from .distributed import read_engine_weights
 from .errors import UserError
 from .manifest import check_files, has_manifest
@@ -296,120 +291,3 @@ def _rewrite_hint(model_dir: str | Path) -> str:
 def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     model.requires_grad_(False)  # nothing here trains; the importance pass needs the embeddings' gradient only
     return model.to(device).eval()
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-#
-# A path the user names (--out DIR, export's OUT) is never written over without --overwrite; the default folders
-# (RUN/eval, RUN/explain, RUN/benchmark, ./eval, ...) hold the latest report and are rewritten, saying so. The
-# files are written under temporary names and renamed when all are on disk, so a full disk leaves no half-written
-# report, and a directory made for them is removed again when nothing came of it.
-
-def claim_output(out: Path, names: Sequence[str], *, given: bool, overwrite: bool) -> None:
-    """Before any work: refuse an output directory that is a file, or a given one that holds one of `names`
-    already (unless --overwrite), and try a small write where the files will go, so that a full, read-only or
-    foreign disk stops the command now rather than after the evaluation."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file: give a directory path")
-    existing = [name for name in names if (out / name).exists()]
-    if existing and given and not overwrite:
-        raise UserError(f"--out {out} already holds {', '.join(existing)}: pick another --out, or add --overwrite "
-                        f"to replace {'it' if len(existing) == 1 else 'them'}")
-    probe_writable(out, "--out")
-
-
-def probe_writable(out: Path, flag: str) -> None:
-    """Write, sync and remove a small file in `out`, or in its nearest existing parent when it is not made yet
-    (nothing is created here)."""
-    place = out
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
-        raise UserError(f"{flag} '{out}' goes through {place}, which is a file: pick another path")
-    probe = place / f".tidpo-write-test-{os.getpid()}"
-    with writing_output("the output", out, flag):
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            probe.unlink(missing_ok=True)
-
-
-@contextmanager
-def made_dir(out: Path, what: str, flag: str = "--out") -> Iterator[Path]:
-    """`out` made (with its parents) for the block; when the block fails, what was made here and is still empty
-    is removed again."""
-    made = []
-    place = out
-    while not place.exists() and place != place.parent:
-        made.append(place)
-        place = place.parent
-    try:
-        with writing_output(what, out, flag):
-            out.mkdir(parents=True, exist_ok=True)
-        yield out
-    except BaseException:
-        for directory in made:  # deepest first; a directory that holds something stays
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def write_files(out: Path, writers: dict[str, Callable[[Path], None]], what: str, prog: str,
-                flag: str = "--out") -> list[Path]:
-    """Each `writers[name](path)` writes to a temporary name in `out`; once every file is written and synced,
-    they take their names (`prog` says so on stderr when earlier ones are replaced). On a failure the temporary
-    files (and a directory made for them) are removed and the earlier files, if any, are as they were. A disk
-    fault is a one-line DiskError naming the file."""
-    done: list[tuple[Path, Path]] = []
-    earlier = [name for name in writers if (out / name).exists()]
-    with made_dir(out, what, flag):
-        try:
-            for name, write in writers.items():
-                tmp, final = out / f".tidpo-tmp-{os.getpid()}-{name}", out / name  # the suffix kept (savefig)
-                done.append((tmp, final))
-                with writing_output(what, final, flag):
-                    write(tmp)
-                    with open(tmp, "rb") as f:
-                        os.fsync(f.fileno())  # a full disk may show only here (NFS, delayed allocation)
-            for tmp, final in done:
-                with writing_output(what, final, flag):
-                    os.replace(tmp, final)
-        except BaseException:
-            for tmp, _ in done:
-                tmp.unlink(missing_ok=True)
-            raise
-    if earlier:
-        print(f"{prog}: replaced the earlier {', '.join(earlier)} in {out}", file=sys.stderr)
-    return [final for _, final in done]
-
-
-@contextmanager
-def writing_output(what: str, path: Path, flag: str = "--out"):
-    """disk.writing for a command's output: a disk fault raised inside is one line naming the file, and the fix
-    names `flag` (the option that picks the place)."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:
-        fault = fault_of(e, Path(path))
-        if fault is None and isinstance(e, OSError) and e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
-            fault = e.strerror  # a path no file system takes: the user's to change
-        if fault is None:
-            raise
-        raise DiskError(output_fault(what, getattr(e, "filename", None) or path, fault, flag)) from None
-
-
-def output_fault(what: str, path: Path | str, fault: str, flag: str) -> str:
-    """disk.message, with the fix in terms of the command's own option rather than hydra.run.dir."""
-    hint = {os.strerror(errno.ENOSPC): f"free space there, or give {flag} a directory on another disk",
-            os.strerror(errno.EDQUOT): f"free space within your quota there, or give {flag} another directory",
-            os.strerror(errno.EROFS): f"give {flag} a directory on a file system mounted read-write",
-            os.strerror(errno.ENOTDIR): f"a part of the path is a file, not a directory: give {flag} another path"}
-    fix = hint.get(fault, f"check its permissions, or give {flag} another directory")
-    return f"cannot write {what} {path}: {fault}; {fix}"
