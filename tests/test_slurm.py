@@ -265,3 +265,20 @@ def test_one_srun_task_per_process_reads_rank_and_rendezvous_from_slurm(tmp_path
     assert train_steps(run_dir) == [1, 2, 3]
     assert (run_dir / "checkpoints" / "step-3" / "rng-rank1.json").is_file()
     assert_final_model_loads(run_dir)
+
+
+def test_a_requeued_job_takes_over_the_lock_its_earlier_start_left_on_another_node(tmp_path):
+    """A job killed hard (node failure) leaves RUN/run.lock behind; SLURM requeues it, possibly onto another node,
+    under the same job id. Made here with a held job: the lock names another host and this job, then the job runs."""
+    run_dir = tmp_path / "run"
+    job_id = submit([*QUICK, "loss=dpo", f"hydra.run.dir={run_dir}"], cwd=tmp_path, sbatch=("--hold",))
+    run_dir.mkdir()
+    (run_dir / "run.lock").write_text(json.dumps({"host": "node-that-failed", "pid": 4242, "started": 0.0,
+                                                  "since": "2026-12-01 03:00:00", "slurm_job_id": job_id}))
+    subprocess.run(["scontrol", "release", job_id], check=True)
+    info = wait_job(job_id)
+    log = (tmp_path / f"tidpo-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert f"it is this SLURM job ({job_id}) before its requeue" in log
+    assert "pid 4242 on node-that-failed" in log
+    assert train_steps(run_dir) == [1, 2, 3] and not (run_dir / "run.lock").exists()
