@@ -295,14 +295,18 @@ def test_a_second_run_or_sweep_into_a_held_directory_stops_naming_the_holder(tmp
         wait_for(lambda: (sweep / "0" / LOCK).exists() and len(train_rows(sweep / "0")) >= 1, holder)
         held = json.loads((sweep / "0" / LOCK).read_text())
         assert held["pid"] == holder.pid and held["host"] == socket.gethostname()
-        again = run_tidpo(["train", "-m", *long, "seed=1,2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+        record = (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+        assert "seed=1" in record
+        again = run_tidpo(["train", "-m", *long, "seed=3,4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
         assert again.returncode == 2
         error_line(again.stderr, f"{sweep / '0'} is in use by another run", f"pid {holder.pid}", "hydra.run.dir")
-        one = run_tidpo(["train", *long, f"hydra.run.dir={sweep / '0'}"], cwd=tmp_path)
+        one = run_tidpo(["train", *long, "seed=5", f"hydra.run.dir={sweep / '0'}"], cwd=tmp_path)
         assert one.returncode == 2
         error_line(one.stderr, f"pid {holder.pid}")
-        assert holder.poll() is None  # the holder trains on, its lock untouched
+        assert holder.poll() is None  # the holder trains on, its lock and its record of the config untouched
         assert json.loads((sweep / "0" / LOCK).read_text()) == held
+        assert (sweep / "0" / ".hydra" / "overrides.yaml").read_text() == record
+        assert not (sweep / "0" / ".hydra-incoming").exists()
     finally:
         holder.kill()
         holder.wait()

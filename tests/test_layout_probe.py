@@ -21,6 +21,7 @@ from tidpo_cli.modeling import load_policy, load_tokenizer
 from tidpo_cli.objective import forward
 from tidpo_cli.packing import is_packed
 from tidpo_cli.layout import time_layouts
+from tidpo_cli.manifest import write_manifest
 
 AUTO = "trainer.share_prompt=auto"
 
@@ -92,6 +93,7 @@ def test_auto_keeps_the_faster_layout_logs_and_stores_it_and_a_resume_reuses_it(
 
     # The resumed run does not time again: it trains in the layout of the run it continues.
     (tmp_path / "checkpoints" / "step-3" / "state.json").write_text(json.dumps({**state, "share_prompt": not chosen}))
+    write_manifest(tmp_path / "checkpoints" / "step-3", 0, 1)  # sealed again: an edit is otherwise a damaged file
     monkeypatch.setattr(layout, "time_layouts", lambda *args, **kwargs: pytest.fail("timed again on resume"))
     caplog.clear()
     seen.clear()

@@ -145,6 +145,16 @@ def test_a_checkpoint_with_one_byte_changed_is_one_line_suggesting_another(comma
     assert not (tmp_path / "out").exists()
 
 
+def test_a_damaged_optimizer_state_does_not_refuse_the_checkpoint_s_model(run, tmp_path, capfd):
+    """Only a resumed run reads a plain checkpoint's optimizer state: export loads the model from its weights."""
+    damaged = copy_run(run, tmp_path / "run")
+    checkpoint = damaged / "checkpoints" / "step-4"
+    os.truncate(checkpoint / "optimizer.pt", 10)
+    code, err = tidpo(["export", str(checkpoint), str(tmp_path / "out")], capfd)
+    assert code == 0, err[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_a_final_model_of_another_shape_than_its_config_is_one_line(run, tmp_path, capfd):
     """config.json and model.safetensors of different models: loading would leave a layer with random weights
     (transformers only warns); it is refused, without transformers' table of every key above the line."""

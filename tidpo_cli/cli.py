@@ -58,10 +58,13 @@ def _train_job(cfg) -> float | None:
 
     from .config import validate
 
+    from .runlock import drop_hydra_record
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(cfg)  # bad values stop here, before any model loads
     except UserError as e:
+        drop_hydra_record(run_dir)
         _discard_if_empty(run_dir)
         fail(str(e))
     try:
@@ -69,6 +72,7 @@ def _train_job(cfg) -> float | None:
 
         metrics = train(cfg, run_dir)
     except UserError as e:
+        drop_hydra_record(run_dir)  # a start refused before it held the run dir (after: gone already)
         # Exit here: an exception would make Hydra print its own "Error executing job" line first.
         fail(str(e))
     # A number for Hydra sweepers that optimise: held-out loss when there is a held-out split.
@@ -76,7 +80,7 @@ def _train_job(cfg) -> float | None:
 
 
 def _discard_if_empty(run_dir: Path) -> None:
-    """Remove the run dir Hydra just made for a config that never ran (only .hydra/ and an empty log)."""
+    """Remove the run dir Hydra just made for a config that never ran (only an empty log, and .hydra/ if any)."""
     names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     log_file = run_dir / "train.log"
     if names <= {".hydra", "train.log"} and (not log_file.exists() or log_file.stat().st_size == 0):

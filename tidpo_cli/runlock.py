@@ -5,6 +5,9 @@ A second run into a held directory stops, naming the holder. A lock left behind 
 over, saying so: on the same host, when no process of that pid and start time lives; on any host, when it names
 this SLURM job (a requeued job starts again under its own id, after the old one ended). Only rank 0 takes it;
 every rank learns whether it got it.
+
+Hydra writes its record of a start (`.hydra-incoming/`: config, overrides) before tidpo runs; it becomes the run's
+`.hydra/` only once this start holds the directory, so a refused second start leaves the holder's record intact.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -22,6 +26,7 @@ from .disk import writing
 from .errors import UserError
 
 LOCK = "run.lock"
+INCOMING, RECORD = ".hydra-incoming", ".hydra"  # hydra.output_subdir (conf/train.yaml), and where it belongs
 log = logging.getLogger("tidpo")
 
 
@@ -74,6 +79,7 @@ class RunLock:
         if self.dist.main:
             try:
                 self.acquire()
+                adopt_hydra_record(self.path.parent)
             except UserError as e:
                 problem = e
         if self.dist.max(int(problem is not None)):
@@ -114,3 +120,20 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def adopt_hydra_record(run_dir: Path) -> None:
+    """Hydra's record of this start becomes the run's `.hydra/` (replacing an earlier start's)."""
+    incoming, record = Path(run_dir) / INCOMING, Path(run_dir) / RECORD
+    if not incoming.is_dir():
+        return  # not started through Hydra (train() called from Python)
+    with writing("the run's config record", record):
+        if record.exists():
+            shutil.rmtree(record)
+        incoming.rename(record)
+
+
+def drop_hydra_record(run_dir: Path) -> None:
+    """A start that stops before it holds the run dir leaves no record (the holder's `.hydra/` stays as it is)."""
+    shutil.rmtree(Path(run_dir) / INCOMING, ignore_errors=True)
+

@@ -23,6 +23,7 @@ from .distributed import read_engine_weights
 from .errors import UserError
 from .manifest import check_files, has_manifest
 
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng-rank0.json", "rng-rank0.safetensors")  # plain engine's
 ACCEPTED = "a run directory, RUN/final, RUN/checkpoints/step-N, or an HF model directory"
 
 
@@ -111,8 +112,10 @@ def load_trained(path: str | Path, device: torch.device, *, checked: bool = Fals
 
 def check_checkpoint(source: Path, run_dir: Path | None) -> None:
     """A checkpoint's files against the sizes and checksums its manifest lists (one written by an older tidpo has
-    none: its weights are checked as they load): a truncated or changed file is a UserError naming it."""
-    problem = check_files(source) if has_manifest(source) else None
+    none: its weights are checked as they load): a truncated or changed file is a UserError naming it. What only a
+    resumed run reads (the plain engine's optimizer, scheduler and RNG states) is left unread: a model is loaded
+    from its weights alone. A DeepSpeed checkpoint's fp32 weights live in its optimizer shards, which are read."""
+    problem = check_files(source, skip=RESUME_ONLY) if has_manifest(source) else None
     if problem is not None:
         raise UserError(f"checkpoint {source} cannot be read: {problem}; {_instead(source, run_dir)}")
 
