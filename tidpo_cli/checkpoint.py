@@ -277,10 +277,13 @@ def choose_checkpoint(run_dir: Path, resume: str, layout: Layout, dist=None) -> 
     from .distributed import Dist
 
     dist = dist or Dist()
-    found = find_resume_checkpoint(run_dir, resume)
-    if found is None:
+    if resume == "auto":
+        candidates = list(reversed(list_checkpoints(run_dir)))  # newest first
+    else:
+        found = find_resume_checkpoint(run_dir, resume)  # never: None; a path: checked to be a checkpoint
+        candidates = [found] if found is not None else []
+    if not candidates:
         return None
-    candidates = [found] if resume != "auto" else list(reversed(list_checkpoints(run_dir)))
     unreadable: list[tuple[Path, str]] = []
     for path in candidates:
         problem = _readable(path, dist)

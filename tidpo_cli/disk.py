@@ -35,7 +35,7 @@ def fault_of(exc: BaseException, path: Path) -> str | None:
         return exc.strerror or os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.errno is not None:
         return None
-    place = _existing(Path(path))
+    place = nearest_existing(Path(path))
     try:
         stat = os.statvfs(place)
     except OSError:
@@ -49,7 +49,8 @@ def fault_of(exc: BaseException, path: Path) -> str | None:
     return None
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -66,8 +67,9 @@ def message(what: str, path: Path, fault: str, option: str = "hydra.run.dir") ->
 
 
 @contextmanager
-def writing(what: str, path: Path, option: str = "hydra.run.dir"):
-    """Turn a disk fault raised inside into a one-line `DiskError` about `what` at `path`."""
+def writing(what: str, path: Path, option: str = "hydra.run.dir", name: Path | None = None):
+    """Turn a disk fault raised inside into a one-line `DiskError` about `what` at `path`; the message names `name`
+    when given (the path the user typed), else the file the error names, else `path`."""
     try:
         yield
     except UserError:
@@ -76,7 +78,7 @@ def writing(what: str, path: Path, option: str = "hydra.run.dir"):
         fault = fault_of(e, path)
         if fault is None:
             raise
-        raise DiskError(message(what, getattr(e, "filename", None) or path, fault, option)) from None
+        raise DiskError(message(what, name or getattr(e, "filename", None) or path, fault, option)) from None
 
 
 def check_writable(directory: Path, what: str = "the run directory", option: str = "hydra.run.dir",
@@ -86,7 +88,7 @@ def check_writable(directory: Path, what: str = "the run directory", option: str
     the first checkpoint. The message names `shown` (default: `directory`), the path the user gave."""
     directory = Path(directory)
     probe = directory / f".tidpo-write-test-{os.getpid()}"
-    try:
+    with writing(what, directory, option, name=shown or directory):
         if create:
             directory.mkdir(parents=True, exist_ok=True)
         try:
@@ -96,11 +98,6 @@ def check_writable(directory: Path, what: str = "the run directory", option: str
                 os.fsync(f.fileno())
         finally:
             probe.unlink(missing_ok=True)
-    except Exception as e:
-        fault = fault_of(e, directory)
-        if fault is None:
-            raise
-        raise DiskError(message(what, shown or directory, fault, option)) from None
 
 
 def stop_on_log_write_errors() -> None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .disk import check_writable, writing
+from .disk import check_writable, nearest_existing, writing
 from .errors import UserError
 
 
@@ -35,9 +35,7 @@ def claim_output(out: Path, names: Sequence[str], *, given: bool, overwrite: boo
 def probe_writable(out: Path, flag: str) -> None:
     """Write, sync and remove a small file in `out`, or in its nearest existing parent when it is not made yet
     (nothing is created here)."""
-    place = out
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = nearest_existing(out)
     if not place.is_dir():
         raise UserError(f"{flag} '{out}' goes through {place}, which is a file: pick another path")
     check_writable(place, "the output", option=flag, create=False, shown=out)

@@ -58,7 +58,7 @@ class JsonlSink:
         self.path = path
         with writing("the metrics log", path):
             self.file = open(path, "a", encoding="utf-8")
-            if self.file.tell() and not path.read_bytes().endswith(b"\n"):
+            if self.file.tell() and _last_byte(path) != b"\n":
                 self.file.write("\n")  # a row cut by a kill ends here, so the next row starts a line of its own
         self.failed = False
 
@@ -109,6 +109,12 @@ class JsonlSink:
         except OSError:
             if not self.failed:  # the failed write was reported already; its buffer cannot be written either
                 raise
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 def _fmt_duration(seconds: float) -> str:

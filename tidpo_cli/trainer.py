@@ -48,8 +48,8 @@ Batch = dict[str, torch.Tensor]
 PREEMPTED_EXIT_CODE = 75
 
 
-# Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT, the shell's code for it): a user's
-# stop, which scripts/slurm does not requeue; the next start resumes all the same.
+# Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT, the shell's code for it): a stop the
+# user asked for, not a preemption to requeue; the next start resumes all the same.
 INTERRUPTED_EXIT_CODE = 130
 REPEAT_WINDOW_S = 2.0  # a Ctrl-C under torchrun reaches each worker twice (the terminal's, the agent's): one press
 
