@@ -12,6 +12,7 @@ from tidpo_cli.data.examples import BadRow, PreferenceExample
 from tidpo_cli.data.formats import FORMATS, detect_format, to_example
 from tidpo_cli.data.prepare import prepare
 from tidpo_cli.errors import DataError
+from tidpo_cli.data.chat import ChatOptions
 from tidpo_cli.tokenizer import build_byte_tokenizer
 
 
@@ -20,13 +21,13 @@ def tok():
     return build_byte_tokenizer()
 
 
-def example(row: dict, fmt: str, tokenizer=None) -> PreferenceExample:
-    return to_example(row, fmt, tokenizer if tokenizer is not None else tok(), "t.jsonl:1")
+def example(row: dict, fmt: str, tokenizer=None, chat: ChatOptions = ChatOptions()) -> PreferenceExample:
+    return to_example(row, fmt, tokenizer if tokenizer is not None else tok(), "t.jsonl:1", chat)
 
 
-def bad_reason(row: dict, fmt: str, tokenizer=None) -> str:
+def bad_reason(row: dict, fmt: str, tokenizer=None, chat: ChatOptions = ChatOptions()) -> str:
     with pytest.raises(BadRow) as info:
-        example(row, fmt, tokenizer)
+        example(row, fmt, tokenizer, chat)
     return str(info.value)
 
 
@@ -245,7 +246,7 @@ def test_tokenizer_without_chat_template_is_a_data_error():
         example(row, "conversational", plain)
 
 
-def test_template_that_does_not_extend_the_prompt_is_bad():
+def test_template_that_does_not_extend_the_prompt_is_bad_with_template_mismatch_error():
     odd = build_byte_tokenizer()
     # The generation prompt ends in "\n" but a rendered assistant turn has a space there instead.
     odd.chat_template = (
@@ -253,7 +254,12 @@ def test_template_that_does_not_extend_the_prompt_is_bad():
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     row = {"prompt": "Q", "chosen": [{"role": "assistant", "content": "x"}], "rejected": [{"role": "assistant", "content": "y"}]}
-    assert "does not extend the prompt" in bad_reason(row, "conversational", odd)
+    reason = bad_reason(row, "conversational", odd, ChatOptions(template_mismatch="error"))
+    assert "does not extend the prompt" in reason and "data.template_mismatch=common_prefix" in reason
+    # The default cuts the prompt back to what both renderings share: the "\n" after <|assistant|>.
+    shortened = example(row, "conversational", odd)
+    assert (shortened.prompt, shortened.prompt_cut) == ("<|user|> Q<|end|><|assistant|>", "\n")
+    assert (shortened.chosen, shortened.rejected) == (" x<|end|>", " y<|end|>")
 
 
 # --- prepare ---------------------------------------------------------------------------------------

@@ -106,6 +106,10 @@ class DataConfig:
     shuffle: bool = key()
     group_by_length: int = key(at_least(0))
     synthetic: Optional[SyntheticConfig] = key()
+    template_mismatch: str = key(one_of("common_prefix", "error"))
+    chat_template: Optional[str] = key()
+    chat_template_kwargs: Optional[Dict[str, Any]] = key()
+    system_prompt: Optional[str] = key()
 
 
 @dataclass

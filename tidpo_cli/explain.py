@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from .data.examples import BadRow, PreferenceExample
-from .data.formats import FORMATS, detect_format, to_example
+from .data.chat import ChatOptions, chat_options, render_pair, require_template
+from .data.formats import DEFAULT_CHAT, FORMATS, detect_format, to_example
 from .data.readers import read_rows
 from .data.tokenize import tokenize_example
-from .errors import CommandLineParser, UserError
+from .errors import CommandLineParser, DataError, UserError
 from .importance import gaussian_prior, gradient_saliency, mix_weights
 from .modeling import pick_device
 from .outputs import claim_output, write_files
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--response", help="response text (shown as the chosen side)")
     text.add_argument("--rejected", help="optional second response, shown beside the first")
+    text.add_argument("--chat", action="store_true",
+                      help="render --prompt as a user message and the responses as assistant replies with the "
+                           "model's chat template, as conversational data is (default: the text as given)")
     data = parser.add_argument_group("examples from a data file")
     data.add_argument("--data", metavar="FILE", help="a .jsonl/.jsonl.gz/.json/.parquet file, dataset folder or hub name")
     data.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="data layout (default: auto)")
@@ -386,6 +390,16 @@ def _from_config(cfg: Any, key: str) -> Any:
         return None
 
 
+def _chat_options(cfg: Any) -> ChatOptions:
+    """How the run rendered its conversational rows (its data.chat_template, _kwargs, system_prompt and
+    template_mismatch), so that explained rows get the same tokens; the defaults outside a run."""
+    data = _from_config(cfg, "data")
+    try:
+        return DEFAULT_CHAT if data is None else chat_options(data)
+    except DataError as e:
+        raise UserError(f"the run's config: {e}") from None
+
+
 def settings(args: argparse.Namespace, cfg: Any) -> dict:
     """lam and sigma_div: explicit flags, else the run's loss.importance, else the paper's values.
     max_length (default 512) and max_prompt_length (default half of it) come from the flags only: a run's
@@ -412,20 +426,35 @@ def settings(args: argparse.Namespace, cfg: Any) -> dict:
     return {"lam": lam, "sigma_div": sigma_div, "max_length": max_length, "max_prompt_length": max_prompt}
 
 
-def command_line_example(args: argparse.Namespace) -> PreferenceExample:
+def command_line_example(args: argparse.Namespace, tokenizer: Any = None,
+                         chat: ChatOptions = DEFAULT_CHAT) -> PreferenceExample:
+    """The --prompt / --response / --rejected example: the text as given, or with --chat rendered with the chat
+    template (needs `tokenizer`)."""
     if args.prompt is None or args.response is None:
         missing = " and ".join(f for f, v in (("--prompt", args.prompt), ("--response", args.response)) if v is None)
         raise UserError(f"missing {missing}: give --prompt TEXT --response TEXT [--rejected TEXT], "
                         "or --data FILE for examples from a file")
     if not args.response:
         raise UserError("--response is empty: give the response text to explain")
-    return PreferenceExample(prompt=args.prompt, chosen=args.response, rejected=args.rejected or "",
-                             where="command line")
+    if not getattr(args, "chat", False) or tokenizer is None:
+        return PreferenceExample(prompt=args.prompt, chosen=args.response, rejected=args.rejected or "",
+                                 where="command line")
+    try:
+        require_template(tokenizer, chat)
+        rendered = render_pair(tokenizer, [{"role": "user", "content": args.prompt}],
+                               [{"role": "assistant", "content": args.response}],
+                               [{"role": "assistant", "content": args.rejected or args.response}], chat)
+    except (BadRow, DataError) as e:
+        raise UserError(f"--chat: {e}") from None
+    return PreferenceExample(prompt=rendered.prompt, chosen=rendered.chosen,
+                             rejected=rendered.rejected if args.rejected else "", where="command line",
+                             prompt_cut=rendered.prompt_cut)
 
 
-def data_examples(args: argparse.Namespace, tokenizer: Any) -> list[tuple[int, PreferenceExample]]:
-    """(row index, example) for the rows in `--rows` of `--data`, converted with `to_example`; unusable rows
-    are reported on stderr and skipped."""
+def data_examples(args: argparse.Namespace, tokenizer: Any,
+                  chat: ChatOptions = DEFAULT_CHAT) -> list[tuple[int, PreferenceExample]]:
+    """(row index, example) for the rows in `--rows` of `--data`, converted with `to_example` (conversational
+    rows rendered as `chat` says); unusable rows are reported on stderr and skipped."""
     rows = parse_rows(args.rows)
     fmt = None if args.format == "auto" else args.format
     examples, seen = [], 0
@@ -437,7 +466,7 @@ def data_examples(args: argparse.Namespace, tokenizer: Any) -> list[tuple[int, P
             continue
         try:
             fmt = fmt or detect_format(row)
-            examples.append((index, to_example(row, fmt, tokenizer, where)))
+            examples.append((index, to_example(row, fmt, tokenizer, where, chat)))
         except BadRow as e:
             print(f"tidpo explain: skipped row {index} ({where}): {e}", file=sys.stderr)
     if not examples:
@@ -456,7 +485,7 @@ def explain_main(argv: list[str]) -> None:
     if args.data is not None and from_text:
         raise UserError("use either --data FILE or --prompt/--response/--rejected, not both")
     if args.data is None:
-        command_line = [(0, command_line_example(args))]
+        command_line_example(args)  # missing text fails before the model loads
     else:
         parse_rows(args.rows)  # a bad --rows fails before the model loads
     kind, model_dir, run_dir = locate(args.model)
@@ -468,7 +497,9 @@ def explain_main(argv: list[str]) -> None:
 
     trained = load_trained(args.model, device)
     model, tokenizer = trained.model, trained.tokenizer
-    examples = command_line if args.data is None else data_examples(args, tokenizer)
+    chat = _chat_options(cfg)
+    examples = ([(0, command_line_example(args, tokenizer, chat))] if args.data is None
+                else data_examples(args, tokenizer, chat))
     source = f" (run config: {run_dir})" if cfg is not None else ""
     if _from_config(cfg, "loss.importance.span") == "prompt_response":
         print("tidpo explain: the run weighted prompt + response (span prompt_response); shown here: the "
@@ -486,6 +517,9 @@ def explain_main(argv: list[str]) -> None:
         if table["truncated"]:
             print(f"tidpo explain: {ex.where} was cut to --max-length {opts['max_length']} / "
                   f"--max-prompt-length {opts['max_prompt_length']}; raise them to see all of it", file=sys.stderr)
+        if ex.prompt_cut:
+            print(f"tidpo explain: {ex.where}: the chat template renders the prompt alone differently from the "
+                  f"conversation; the prompt stops before {ex.prompt_cut!r} (data.template_mismatch)", file=sys.stderr)
         tables.append({"index": index, **table})
     write_outputs(tables, out, {"model": str(model_dir), **opts})
 

@@ -28,6 +28,7 @@ from .runlock import RunLock
 from .errors import DataError, UserError
 from .data.batches import BatchStream, eval_batches
 from .data.examples import TokenizedExample
+from .data.chat import chat_options
 from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
@@ -195,11 +196,16 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
     autocast = nullcontext if cfg.deepspeed.enabled else bf16  # DeepSpeed casts to bf16 itself
 
     tokenizer = load_tokenizer(cfg.model)
+    template = chat_options(cfg.data).template
+    if template is not None:  # data.chat_template: what the data is rendered with, and what final/ is saved with
+        tokenizer.chat_template = template
     splits = load_splits(cfg.data, tokenizer, seed=cfg.seed)  # data problems surface before a big model loads
     for name, report in splits.reports.items():
         log.info("data (%s): %s", name, report.summary())
         for line in report.first_skipped:
             log.info("  skipped %s", line)
+    if any(report.shortened for report in splits.reports.values()):
+        log.warning("data: %s", next(r for r in splits.reports.values() if r.shortened).mismatch_warning())
     log.info("%s: %d train%s, %d held out", "examples" if isinstance(splits.train[0], TokenizedExample) else "pairs",
              len(splits.train),
              f" ({round(cfg.data.flip_labels * len(splits.train))} with chosen and rejected swapped: data.flip_labels)"

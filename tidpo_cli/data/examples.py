@@ -19,6 +19,9 @@ class PreferenceExample:
     rejected: str
     where: str
     gold: str | None = None  # a third, gold response (TPO's `reference` column), when the row has one
+    # The end of the rendered prompt that is left out because the chat template renders the prompt alone
+    # differently from the start of the conversation (data.template_mismatch=common_prefix); "" when none.
+    prompt_cut: str = ""
 
 
 @dataclass(frozen=True)

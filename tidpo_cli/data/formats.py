@@ -7,8 +7,8 @@
 - `unpaired`: `prompt` and `completion` strings and a boolean `label` (true: desirable, false: undesirable),
   TRL's unpaired preference layout, for loss=kto.
 - `conversational`: `chosen` / `rejected` are lists of {"role", "content"} messages, with an optional
-  `prompt` (a message list, or a string meaning one user message); rendered with the tokenizer's chat
-  template.
+  `prompt` (a message list, or a string meaning one user message); rendered with the chat template
+  (chat.py).
 
 A row that cannot be used raises `BadRow` with a short reason naming the key; a problem that makes the
 whole run impossible (no chat template) raises `DataError`.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidpo_cli.data.chat import ChatOptions, RenderedPair, render_pair, require_template
 from tidpo_cli.data.examples import BadRow, PreferenceExample, UnpairedExample
 from tidpo_cli.data.readers import json_kind
 from tidpo_cli.errors import DataError
@@ -25,6 +26,7 @@ from tidpo_cli.errors import DataError
 FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
 _MAX_KEYS_SHOWN = 8
+DEFAULT_CHAT = ChatOptions()
 
 Message = dict[str, str]
 
@@ -57,16 +59,22 @@ def detect_format(row: dict) -> str:
     )
 
 
-def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExample | UnpairedExample:
+def to_example(row: dict, fmt: str, tokenizer: Any, where: str,
+               chat: ChatOptions = DEFAULT_CHAT) -> PreferenceExample | UnpairedExample:
     """Convert one row of format `fmt` (one of `FORMATS`) into a `PreferenceExample`.
 
-    `tokenizer` is only used by the conversational format (its chat template). Raises `BadRow` for a
-    row that cannot be used, `DataError` for an unknown format or a tokenizer without a chat template.
+    `tokenizer` and `chat` are only used by the conversational format (its chat template). Raises `BadRow` for
+    a row that cannot be used, `DataError` for an unknown format, a tokenizer without a chat template, or chat
+    options that text rows cannot honour.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)} or auto")
     if fmt == "conversational":
-        _require_chat_template(tokenizer)
+        require_template(tokenizer, chat)
+    elif chat.system_prompt is not None or chat.kwargs:
+        key = "data.system_prompt" if chat.system_prompt is not None else "data.chat_template_kwargs"
+        raise DataError(f"{key} is set, but the data is {fmt} text, which no chat template renders: unset {key}, "
+                        "or use conversational rows (message lists)")
     if not isinstance(row, dict):
         raise BadRow(f"row is {json_kind(row)}, expected an object")
     if fmt == "unpaired":
@@ -76,7 +84,10 @@ def to_example(row: dict, fmt: str, tokenizer: Any, where: str) -> PreferenceExa
     elif fmt == "prompt_chosen_rejected":
         prompt, chosen, rejected = _prompt_chosen_rejected(row)
     else:
-        prompt, chosen, rejected = _conversational(row, tokenizer)
+        rendered = _conversational(row, tokenizer, chat)
+        _check_texts(rendered.prompt, rendered.chosen, rendered.rejected)
+        return PreferenceExample(prompt=rendered.prompt, chosen=rendered.chosen, rejected=rendered.rejected,
+                                 where=where, prompt_cut=rendered.prompt_cut)
     return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where,
                              gold=_gold(row, prompt) if fmt == "prompt_chosen_rejected" else None)
 
@@ -169,16 +180,6 @@ def _unpaired(row: dict, where: str) -> UnpairedExample:
     return UnpairedExample(prompt=prompt, completion=completion, desirable=label, where=where)
 
 
-def _require_chat_template(tokenizer: Any) -> None:
-    """Conversational data cannot be rendered at all without a chat template: a run-level error."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            "conversational data (message lists) needs a tokenizer with a chat template, and this one has "
-            "none; use a chat/instruct model's tokenizer, set tokenizer.chat_template, or convert the data "
-            "to prompt/chosen/rejected strings"
-        )
-
-
 def _messages(value: Any, key: str) -> list[Message]:
     """A validated list of {"role", "content"} messages, reduced to those two keys."""
     if not isinstance(value, list):
@@ -238,8 +239,8 @@ def _split_last_turn(messages: list[Message], key: str) -> tuple[list[Message], 
     return messages[:-1], messages[-1:]
 
 
-def _conversational(row: dict, tokenizer: Any) -> tuple[str, str, str]:
-    """Render the prompt messages and each reply with the chat template; responses are the extensions."""
+def _conversational(row: dict, tokenizer: Any, chat: ChatOptions) -> RenderedPair:
+    """The prompt messages and each reply, checked, then rendered with the chat template (chat.py)."""
     if "chosen" not in row:
         raise BadRow("missing key 'chosen'")
     if "rejected" not in row:
@@ -262,40 +263,4 @@ def _conversational(row: dict, tokenizer: Any) -> tuple[str, str, str]:
             raise BadRow(f"empty {key!r} reply")
     if chosen_reply == rejected_reply:
         raise BadRow("'chosen' and 'rejected' responses are identical")
-    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
-    chosen_text = _response_text(tokenizer, prompt, prompt_text, chosen_reply)
-    rejected_text = _response_text(tokenizer, prompt, prompt_text, rejected_reply)
-    _check_texts(prompt_text, chosen_text, rejected_text)
-    return prompt_text, chosen_text, rejected_text
-
-
-def _render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
-    """The chat template's text for `messages`; a template that rejects them makes the row bad."""
-    from jinja2 import TemplateError
-
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise BadRow(f"the chat template rejected the messages: {e}") from None
-    if not isinstance(text, str):
-        raise DataError(f"tokenizer.apply_chat_template(tokenize=False) returned {type(text).__name__}, not text")
-    return text
-
-
-def _response_text(tokenizer: Any, prompt: list[Message], prompt_text: str, reply: list[Message]) -> str:
-    """The text the model must produce after `prompt_text` to give `reply`.
-
-    Templates render a newline (or other whitespace) after the end-of-turn token; when that token is EOS
-    the response is cut there, so the model learns to stop at EOS rather than to emit whitespace after it.
-    """
-    full = _render(tokenizer, prompt + reply, add_generation_prompt=False)
-    if not full.startswith(prompt_text):
-        raise BadRow(
-            "the chat template does not extend the prompt: rendering prompt + reply does not start with "
-            "the rendered prompt (with generation prompt), so the response cannot be separated"
-        )
-    response = full[len(prompt_text):]
-    eos = getattr(tokenizer, "eos_token", None)
-    if isinstance(eos, str) and eos and response.rstrip().endswith(eos):
-        response = response.rstrip()
-    return response
+    return render_pair(tokenizer, prompt, chosen_reply, rejected_reply, chat)

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidpo_cli.data.chat import ChatOptions
 from tidpo_cli.data.examples import BadRow, TokenizedPair
-from tidpo_cli.data.formats import FORMATS, detect_format, to_example
+from tidpo_cli.data.formats import DEFAULT_CHAT, FORMATS, detect_format, to_example
 from tidpo_cli.data.tokenize import check_lengths, tokenize_example
 from tidpo_cli.errors import DataError
 
@@ -34,9 +35,12 @@ class PrepareReport:
     first_skipped: list[str] = field(default_factory=list)
     source: str = ""
     fmt: str = ""
+    shortened: int = 0   # used pairs whose rendered prompt was cut back (chat template mismatch)
+    prompt_cut: str = ""  # what the first of them left out
 
     def summary(self) -> str:
-        """One line: "read 2312 rows from X: used 2308, skipped 4 (reason: 4), truncated 17"."""
+        """One line: "read 2312 rows from X: used 2308, skipped 4 (reason: 4), truncated 17", and
+        ", prompt shortened N (chat template mismatch)" when some were."""
         skipped = f"skipped {self.skipped}"
         if self.skip_reasons:
             common = self.skip_reasons.most_common()
@@ -45,7 +49,17 @@ class PrepareReport:
                 parts.append(f"{len(common) - _REASONS_SHOWN} other reasons")
             skipped += f" ({'; '.join(parts)})"
         source = f" from {self.source}" if self.source else ""
-        return f"read {self.rows} rows{source}: used {self.used}, {skipped}, truncated {self.truncated}"
+        shortened = f", prompt shortened {self.shortened} (chat template mismatch)" if self.shortened else ""
+        return f"read {self.rows} rows{source}: used {self.used}, {skipped}, truncated {self.truncated}{shortened}"
+
+    def mismatch_warning(self) -> str | None:
+        """What the rows with a shortened prompt leave out, and why (None when there are none)."""
+        if not self.shortened:
+            return None
+        return (f"the chat template renders the prompt alone differently from the start of the conversation: "
+                f"in {self.shortened} of {self.used} pairs the prompt stops where the two differ, leaving out "
+                f"{self.prompt_cut!r} (first such row); the model trains on a context that differs from its "
+                "generation prompt (data.template_mismatch=error refuses such rows instead)")
 
 
 def _source_of(where: str) -> str:
@@ -72,6 +86,7 @@ def prepare(
     on_bad_row: str = "skip",
     max_rows: int | None = None,
     source: str = "",
+    chat: ChatOptions = DEFAULT_CHAT,
 ) -> tuple[list[TokenizedPair], PrepareReport]:
     """Convert and tokenize `(where, row)` pairs; return the usable pairs and a report.
 
@@ -79,7 +94,8 @@ def prepare(
     held: a later row of another layout is a bad row). A bad row is counted and skipped
     (`on_bad_row="skip"`) or ends the run with a `DataError` naming it (`"error"`). `max_rows` stops after
     that many rows have been read. Raises `DataError` when no row is usable. `source` names the file or dataset
-(with its split) in the report before any row is read, so an empty one is named too.
+    (with its split) in the report before any row is read, so an empty one is named too. `chat` says how
+    conversational rows are rendered.
     """
     _check_options(fmt, on_bad_row, max_rows)
     check_lengths(max_length, max_prompt_length)
@@ -94,7 +110,7 @@ def prepare(
             if held is None:
                 held = detect_format(row)
                 report.fmt = held
-            example = to_example(row, held, tokenizer, where)
+            example = to_example(row, held, tokenizer, where, chat)
             pair = tokenize_example(example, tokenizer, max_length, max_prompt_length)
         except BadRow as e:
             reason = str(e)
@@ -111,6 +127,9 @@ def prepare(
             pairs.append(pair)
             report.used += 1
             report.truncated += pair.truncated
+            if getattr(example, "prompt_cut", ""):
+                report.shortened += 1
+                report.prompt_cut = report.prompt_cut or example.prompt_cut
         # Checked after the row, not before the next: reading one more row could fail on a bad line.
         if max_rows is not None and report.rows >= max_rows:
             break

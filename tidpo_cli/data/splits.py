@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..errors import DataError
+from .chat import chat_options
 from .examples import TokenizedExample, TokenizedPair
 from .prepare import PrepareReport, prepare
 from .readers import read_rows
@@ -31,7 +32,7 @@ def load_splits(cfg: DictConfig, tokenizer, seed: int, *, held_out_only: bool = 
     `flip_labels` of the training pairs (never the held-out ones) have chosen and rejected swapped.
     """
     options = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                   on_bad_row=cfg.on_bad_row)
+                   on_bad_row=cfg.on_bad_row, chat=chat_options(cfg))
     explicit_eval = cfg.eval_path is not None or cfg.eval_split is not None
     if held_out_only and explicit_eval and cfg.format != "synthetic":
         return _with_eval(Splits([], [], {}), cfg, tokenizer, options)
