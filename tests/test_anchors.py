@@ -125,8 +125,14 @@ def test_compile_auto_is_off_on_the_cpu_and_a_bad_value_is_refused(monkeypatch):
 def test_generation_keeps_training_mode_and_needs_no_grad():
     m = model()
     m.train()
-    rows = sample(m, seed=0)
-    assert m.training and not any(r.requires_grad for r in rows)
+    inside = []  # (grad mode, dropout mode) at every forward of the sampling
+    m.register_forward_hook(lambda module, args, out: inside.append((torch.is_grad_enabled(), module.training)))
+    with torch.enable_grad():
+        rows = sample(m, seed=0)
+    assert len(inside) >= 2  # the prompt's forward and at least one decoding step's
+    assert set(inside) == {(False, False)}  # no graph kept, dropout off
+    assert m.training and torch.is_grad_enabled()  # both restored afterwards
+    assert all(len(r) >= 1 for r in rows)
 
 
 def pairs():

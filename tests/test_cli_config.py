@@ -31,6 +31,7 @@ def assert_one_line_error(result, *needles):
     ("loss=nope", ["loss/nope", "dpo", "sft"]),
     ("data.max_length=8", ["data.max_prompt_length", "data.max_length"]),
     ("trainer.micro_batch_size=0", ["trainer.micro_batch_size", "> 0"]),
+    ("loss=base", ["loss=base is not an option", "pick one of: cdpo", "tidpo_code", "tpo"]),
 ])
 def test_config_mistakes_end_in_one_line_and_exit_2(tmp_path, override, needles):
     result = run_tidpo(["train", override], cwd=tmp_path)
@@ -57,6 +58,17 @@ def test_help_lists_groups_and_options(tmp_path):
     assert result.returncode == 0
     for text in ["model: ", "llama3_8b", "mistral_7b", "loss: ", "dpo", "sft", "experiment: demo", "Examples"]:
         assert text in result.stdout
+    groups = result.stdout[result.stdout.index("Config groups"):result.stdout.index("The composed config")]
+    for group in ("model", "data", "loss"):  # their base.yaml is what the options share, not an option
+        (line,) = [line for line in groups.splitlines() if line.startswith(f"{group}: ")]
+        assert "base" not in line.split(": ", 1)[1].split(", "), line
+
+
+@pytest.mark.parametrize("overrides", [["model=base"], ["data=base"], ["loss=dpo,base"], ["+loss=base"]])
+def test_a_group_s_base_file_is_refused_naming_the_options(overrides):
+    group = overrides[0].lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{group}=base is not an option to pick: .* pick one of: "):
+        compose_config(overrides)
 
 
 def test_top_level_help_and_version(tmp_path):
@@ -64,16 +76,36 @@ def test_top_level_help_and_version(tmp_path):
     assert run_tidpo(["--version"], cwd=tmp_path).stdout.startswith("tidpo ")
 
 
-def test_every_option_of_every_group_composes_and_validates():
+def test_every_option_of_every_group_composes_and_validates(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("composing a config reached for the network")
+
+    # The big-model and experiment options name hub models and data sets: composing must not fetch them.
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     groups = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml") if p.stem != "base")
-              for g in ("model", "data", "loss", "trainer", "logger")}
+              for g in ("model", "data", "loss", "trainer", "logger", "deepspeed", "experiment")}
+    default = compose_config([])
     for group, options in groups.items():
         assert options, group
         for option in options:
             extra = {("data", "preference"): ["data.path=x.jsonl"],
-                     ("loss", "tis_dpo"): ["loss.tis.positive_model=p", "loss.tis.negative_model=n"]}.get((group, option), [])
-            cfg = compose_config([f"{group}={option}", *extra])
-            assert cfg[group] is not None
+                     ("loss", "tis_dpo"): ["loss.tis.positive_model=p", "loss.tis.negative_model=n"],
+                     # these two start from the noise study's warm-up model, which has no default path
+                     ("experiment", "noise_robustness"): ["model.name_or_path=warmup/final"],
+                     ("experiment", "paper_table1_demo"): ["model.name_or_path=warmup/final"]}.get((group, option), [])
+            if group == "experiment":  # not a group of the defaults list: added with +
+                cfg = compose_config([f"+experiment={option}", *extra])
+                assert (cfg == default) == (option == "demo"), option  # every other experiment sets something
+            else:
+                cfg = compose_config([f"{group}={option}", *extra])
+                assert cfg[group] is not None
+            if group == "deepspeed":
+                assert cfg.deepspeed.enabled == (option != "none")
+                stage = cfg.deepspeed.zero_optimization.get("stage")
+                assert stage == (None if option == "none" else int(option[4])), option
 
 
 def test_experiment_demo_is_the_default_run():

@@ -76,6 +76,12 @@ def test_pretrained_model_from_a_local_path(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     final = next((tmp_path / "runs").glob("*/*/final"))
     assert AutoTokenizer.from_pretrained(final).chat_template is not None
+    # The model trained is the local one: its sizes, not the tiny default's (64 wide, 2 layers) nor the 8B's
+    base, saved = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "base", final))
+    sizes = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    assert {k: saved.get(k) for k in sizes} == {k: base.get(k) for k in sizes}
+    assert (saved["hidden_size"], saved["num_hidden_layers"]) == (32, 1)
 
 
 def test_missing_model_path_is_one_clear_line(tmp_path):

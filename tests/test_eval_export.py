@@ -134,7 +134,10 @@ def test_export_of_a_lora_run_is_merged(tmp_path):
     (["eval", "{missing}"], ["does not exist", "run directory"]),
     (["eval", "{run}", "loss.beta=-1"], ["loss.beta=-1.0", "> 0"]),
     (["eval", "{run}", "data=nope"], ["data", "nope"]),
-    (["eval", "{bare}"], ["reference model", "--reference"]),
+    (["eval", "{bare}", "data=synthetic"], ["reference model", "--reference"]),
+    # a model outside a run has no data config of its own: not the default config's demo pairs, but a request
+    (["eval", "{bare}"], ["not inside a tidpo run", "data=preference data.path=", "data=synthetic", "--reference"]),
+    (["eval", "{bare}", "--reference", "{run}/reference"], ["not inside a tidpo run", "data="]),
     (["eval", "{run}", "--samples", "-1"], ["--samples"]),
     (["export", "{run}", "{run}"], ["already holds files", "--overwrite"]),
     (["export", "{run}/metrics.jsonl", "{tmp}/x"], ["is a file"]),

@@ -49,6 +49,7 @@ def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tmp_path):
     assert set(payload["summary"]["dpo"]) == {"0.0", "0.5"}
     runs = [r for r in payload["runs"] if r["method"] != "sft_warmup"]
     assert len(runs) == 4 and all(0 <= r["accuracy"] <= 1 and 0 <= r["critical"] <= 1 for r in runs)
+    assert payload["summary"] == study().summarize(payload["runs"])  # the summary is that of its own runs
     # the flipped run trained on swapped labels: its log says so
     log = (tmp_path / "study" / "sweep" / "loss=dpo,data.flip_labels=0.5,seed=0" / "train.log").read_text()
     assert "with chosen and rejected swapped" in log
@@ -61,6 +62,8 @@ def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tmp_path):
 
 def test_the_published_report_shows_its_own_data():
     payload = json.loads((RESULTS / "noise_robustness.json").read_text())
+    assert payload["summary"] == study().summarize(payload["runs"])  # the summary is that of its own runs
+    assert [r for r in payload["runs"] if r["method"] == "sft_warmup"] == [payload["warmup"]]
     table = study().markdown(payload["summary"], payload["warmup"])
     assert (RESULTS / "noise_robustness_table.md").read_text() == table
     assert table.strip() in (RESULTS / "noise_robustness.md").read_text()

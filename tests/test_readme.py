@@ -1,9 +1,12 @@
 """The README stays true: every `tidpo` command in it composes or parses, the config tables list what conf/
-holds, the quick walkthrough and the error examples run as written, and the paper's experiment configs train
-on local stand-ins for their hub models and data."""
+holds, every conf/ key and every command's flag is named, the quick walkthrough (twice) and the error examples run
+as written, and the paper's experiment configs train on local stand-ins for their hub models and data. And a fresh
+clone can follow the docs: docs/method.md names only shipped presets and its preset table is conf/loss/, nothing
+points into the development setup's ../shared folder, and the benchmarks say in one line what data to pass."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -94,14 +97,170 @@ def test_config_tables_list_every_option_in_conf():
     assert {p.stem for p in (REPO / "conf" / "loss").glob("*.yaml")} - {"base"} <= loss_table
 
 
+METHOD = (REPO / "docs" / "method.md").read_text(encoding="utf-8")
+LOSS_PRESETS = {p.stem for p in (REPO / "conf" / "loss").glob("*.yaml")} - {"base"}
+# Values passed on as written (LlamaConfig fields, DeepSpeed's own zero_optimization block): named as a whole.
+PASSED_THROUGH = {"model.config", "deepspeed.zero_optimization"}
+
+
+def conf_keys() -> set[str]:
+    """Every leaf key that a file of conf/ (every group but hydra/) sets, as `group.key.subkey`."""
+    import yaml
+
+    keys = set()
+    for group_dir in sorted(p for p in (REPO / "conf").iterdir() if p.is_dir() and p.name != "hydra"):
+        for path in sorted(group_dir.glob("*.yaml")):
+            text = path.read_text(encoding="utf-8")
+            prefix = "" if "@package _global_" in text else f"{group_dir.name}."
+
+            def walk(node: dict, at: str) -> None:
+                for name, value in node.items():
+                    if at in ("", f"{group_dir.name}.") and name in ("defaults", "hydra"):
+                        continue
+                    key = at + str(name)
+                    if isinstance(value, dict) and value and key not in PASSED_THROUGH:
+                        walk(value, key + ".")
+                    else:
+                        keys.add(key)
+
+            walk(yaml.safe_load(text) or {}, prefix)
+    return {k for k in keys if not any(other.startswith(k + ".") for other in keys)}  # null in base, a group elsewhere
+
+
+def readme_names() -> set[str]:
+    """The dotted names the README gives in backticks, `a.{b, c}` read as `a.b` and `a.c`; in a row of the
+    configuration table (`| group | options | what it sets |`) relative to that group."""
+    def expand(token: str) -> set[str]:
+        token = token.split("=")[0].strip()
+        braced = re.fullmatch(r"([\w.]*)\{([^{}]*)\}", token)
+        return {braced.group(1) + part.strip() for part in braced.group(2).split(",")} if braced else {token}
+
+    names = {n for token in re.findall(r"`([^`\n]+)`", README) for n in expand(token)}
+    for group in ("model", "data", "loss", "trainer", "logger", "deepspeed"):
+        row = re.search(rf"^\| `{group}` \| .*? \| (.*) \|$", README, flags=re.M)
+        names |= {f"{group}.{n}" for token in re.findall(r"`([^`\n]+)`", row.group(1)) for n in expand(token)}
+    return names
+
+
+def test_every_conf_key_is_named_in_the_readme():
+    keys = conf_keys()
+    assert {"loss.anchor.prefix_fraction", "data.synthetic.num_train", "deepspeed.enabled", "model.dtype"} <= keys
+    missing = sorted(keys - readme_names())
+    assert not missing, f"conf/ keys the README does not name: {missing}"
+
+
+def _flags(parser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings if o not in ("-h", "--help")}
+
+
+# Each command's flags must be named in its README section (or in a paragraph that names the command).
+SECTIONS = {"eval": "## Evaluate and export", "export": "## Evaluate and export",
+            "explain": "## Which tokens does TI-DPO weigh?", "benchmark": "## Benchmarks (lm-evaluation-harness)"}
+
+
+def test_every_flag_of_every_command_is_named_in_the_readme():
+    from tidpo_cli.cli import main
+
+    parsers = {"eval": evaluation.build_parser, "export": export.build_parser, "explain": explain.build_parser,
+               "benchmark": benchmark.build_parser}
+    paragraphs = README.split("\n\n")
+    missing = []
+    for command, build in parsers.items():
+        start = README.index(SECTIONS[command])
+        section = README[start:README.find("\n## ", start + 1)]
+        texts = [section] + [p for p in paragraphs if f"tidpo {command}" in p]
+        for flag in sorted(_flags(build())):
+            if not any(re.search(rf"{re.escape(flag)}(?![\w-])", text) for text in texts):
+                missing.append(f"tidpo {command} {flag}")
+    for flag in ("--help", "--version"):  # the top level's own flags (tidpo_cli.cli.main)
+        with pytest.raises(SystemExit) if flag == "--help" else contextlib.nullcontext():
+            main([flag])  # a flag main() knows
+        if not re.search(rf"`tidpo {flag}`", README):
+            missing.append(f"tidpo {flag}")
+    assert not missing, f"flags the README does not name: {missing}"
+
+
+def loss_preset(name: str):
+    """conf/loss/NAME.yaml merged onto its defaults list (`base`, or another preset, then `_self_`), as Hydra composes
+    it (tests/test_cli_config.py composes every option through Hydra); milliseconds instead of seconds."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(REPO / "conf" / "loss" / f"{name}.yaml")
+    defaults = list(node.pop("defaults", []))
+    parents = [d for d in defaults if d != "_self_"]
+    assert all(isinstance(d, str) for d in parents) and "_self_" not in defaults[:-1], defaults
+    return OmegaConf.merge(*[loss_preset(d) for d in parents], node)
+
+
+def test_the_method_doc_names_only_shipped_presets_and_keys_and_its_table_is_the_conf():
+    named = set(re.findall(r"`(?:loss=)?(tidpo\w*|dpo|tdpo|ipo|cdpo|sft|kto|simpo|cpo|orpo|tpo|tis_dpo)`", METHOD))
+    named |= set(re.findall(r"loss=([a-z0-9_]+)", METHOD))
+    assert named and named <= LOSS_PRESETS, named - LOSS_PRESETS
+    keys = conf_keys()
+    for key in set(re.findall(r"`(loss\.[\w.]+)`", METHOD)):
+        assert key in keys, f"docs/method.md names {key}, which conf/loss/ does not have"
+    table = METHOD[METHOD.index("## 5. "):]
+    header = next(line for line in table.splitlines() if line.startswith("| preset |"))
+    columns = re.findall(r"`([\w.]+)`", header)
+    rows = re.findall(r"^\| `(\w+)` \| (.*) \|$", table, flags=re.M)
+    assert {"tidpo", "tidpo_code", "tidpo_no_triplet", "tidpo_uniform", "tidpo_random", "tidpo_no_prior",
+            "tidpo_softmax"} <= {name for name, _ in rows}
+    for name, cells in rows:
+        loss = loss_preset(name)
+        values = [c.strip() for c in cells.split(" | ")][:len(columns)]
+        for column, value in zip(columns, values):
+            actual = loss
+            for part in column.split("."):
+                actual = actual[part]
+            assert str(actual) == value, (name, column, actual, value)
+
+
+def test_docs_a_fresh_clone_can_follow():
+    """No pointer into the development setup's ../shared folder from the README, the method doc or conf/, and
+    every relative link of the README and the method doc leads to a file of the project."""
+    conf_text = "".join(p.read_text(encoding="utf-8") for p in (REPO / "conf").rglob("*.yaml"))
+    for name, text in (("README.md", README), ("docs/method.md", METHOD), ("conf/", conf_text)):
+        for needle in ("../shared", "METHOD.md", "METHOD section"):
+            assert needle not in text, (name, needle)
+    assert "(docs/method.md)" in README
+    for doc, text in ((REPO / "README.md", README), (REPO / "docs" / "method.md", METHOD)):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), (doc.name, target)
+
+
+@pytest.mark.parametrize("command", [["python", "scripts/bench/trl_vs_tidpo.py", "--check-data"],
+                                     ["python", "scripts/bench/scaling.py"], ["bash", "scripts/bench/gpu.sh"]],
+                         ids=lambda c: c[1])
+def test_benchmarks_without_the_hh_rlhf_file_say_what_to_pass(command, tmp_path):
+    """A fresh clone has no ../shared/data: `make bench`, `make bench-scaling` and gpu.sh stop at once, in one line."""
+    argv = [sys.executable if command[0] == "python" else command[0], str(REPO / command[1]), *command[2:]]
+    env = {**os.environ, "HH": str(tmp_path / "no-such-file.jsonl.gz"), "OUT": str(tmp_path / "out")}
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no HH-RLHF file at" in lines[0] and "pass HH=" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_accuracy_the_readme_promises_is_what_the_demo_test_checks():
+    """The README's threshold for `make demo` and tests/test_end_to_end.py's assertion are the same number."""
+    test = (REPO / "tests" / "test_end_to_end.py").read_text(encoding="utf-8")
+    (checked,) = re.findall(r"assert after >= ([0-9.]+)", test)
+    promised = re.search(r"held-out accuracy of at least ([0-9.]+)", README)
+    assert promised and promised.group(1) == checked, (promised and promised.group(1), checked)
+
+
 def test_error_examples_print_what_the_readme_shows(tmp_path):
-    for command, expected in re.findall(r"^\$ (tidpo .*)\n(tidpo: error: .*)$", README, flags=re.M):
+    examples = re.findall(r"^\$ (tidpo .*)\n(tidpo: error: .*)$", README, flags=re.M)
+    assert len(examples) >= 2, examples  # the Configuration section shows two
+    for command, expected in examples:
         result = run_tidpo(shlex.split(command)[1:], cwd=tmp_path)
         assert result.returncode == 2
         assert result.stderr.strip() == expected
 
 
-def test_quickstart_walkthrough_runs_as_written(tmp_path):
+def test_quickstart_walkthrough_runs_as_written(tmp_path, monkeypatch):
     (block,) = [b for marker, b in BLOCKS if marker]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONUNBUFFERED": "1"}
@@ -112,6 +271,14 @@ def test_quickstart_walkthrough_runs_as_written(tmp_path):
     assert json.loads((run / "eval" / "eval.json").read_text())["metrics"]["rewards/accuracies"] > 0.55
     assert (tmp_path / "runs" / "quick-hf" / "model.safetensors").is_file()
     assert (run / "explain" / "explain.png").stat().st_size > 10_000
+    # The block runs again as written (its outputs exist now); in this process, to save the start-ups. A second
+    # `tidpo train` of a finished run says `already finished` (tests/test_resume.py).
+    from tidpo_cli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in commands(block):
+        if argv[1] != "train":
+            main(argv[1:])
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,7 @@ def test_resume_never_and_a_bad_resume_path(tmp_path):
 
 
 def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
+    import copy
     import random
 
     import numpy as np
@@ -138,15 +139,34 @@ def test_checkpoint_round_trip_restores_every_rng_and_the_loop_state(tmp_path):
     scheduler = build_scheduler(optimizer, cfg.trainer, 10)
     state = TrainState(step=7, epoch=1, position=24, bad_steps=1, skipped_steps=3)
     engine = PlainEngine(policy, optimizer, scheduler, cfg.trainer.max_grad_norm)
+
+    def take_step():  # gives the optimizer moments and a step count, and moves the schedule
+        (sum((p.float() ** 2).sum() for p in policy.parameters()) * torch.rand(1)).backward()
+        engine.step(True)
+
+    take_step()
+    take_step()
+    saved = copy.deepcopy((policy.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
     path = save_checkpoint(tmp_path, state, engine, cfg, keep_last=None)
     draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    take_step()  # weights, moments, step counts and lr all move on from the saved ones
     with torch.no_grad():
         for p in policy.parameters():
             p.zero_()
     restored = load_checkpoint(path, engine)
     assert restored == state
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
-    assert any(p.abs().sum() > 0 for p in policy.parameters())
+    weights, optimizer_state, scheduler_state = saved
+    assert policy.state_dict().keys() == weights.keys()
+    assert all(torch.equal(value, weights[name]) for name, value in policy.state_dict().items())
+    now = optimizer.state_dict()
+    assert now["param_groups"] == optimizer_state["param_groups"]
+    assert now["state"].keys() == optimizer_state["state"].keys()
+    assert len(now["state"]) == len(list(policy.parameters()))
+    for index, moments in optimizer_state["state"].items():
+        assert now["state"][index].keys() == moments.keys()
+        assert all(torch.equal(now["state"][index][k], v) for k, v in moments.items()), index
+    assert scheduler.state_dict() == scheduler_state and scheduler.last_epoch == 2
     assert sorted(f.name for f in path.iterdir()) == ["config.yaml", "manifest-rank0.json", "model.safetensors",
                                                       "optimizer.pt", "rng-rank0.json", "rng-rank0.safetensors",
                                                       "scheduler.pt", "state.json"]

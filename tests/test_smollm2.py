@@ -62,6 +62,18 @@ def test_the_tokenizer_and_template_are_smollm2s(tokenizer):
     assert len(ids(tokenizer, QUESTION)) == 7  # BPE: a token a word, not a byte
 
 
+def test_the_weights_answer_like_smollm2(smollm2, tokenizer):
+    """De-quantised right, the model knows what SmolLM2 knows (greedy, a dozen tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(out[0, inputs["input_ids"].shape[1]:]) == "The capital of France is Paris.<|im_end|>"
+
+
 def pair_of(tokenizer, row, fmt):
     (pair,), report = prepare([("t.jsonl:1", row)], fmt, tokenizer, max_length=64, max_prompt_length=48)
     assert report.used == 1 and not report.truncated and not report.shortened

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import QUICK, compose_config
+from tidpo_cli import trainer
 from tidpo_cli.data.collate import collate
 from tidpo_cli.data.splits import load_splits
 from tidpo_cli.modeling import frozen_copy, load_policy, load_tokenizer
@@ -20,6 +21,47 @@ def run(tmp_path, name, overrides):
     run_dir.mkdir()
     metrics = train(compose_config([*QUICK, *overrides]), run_dir)
     return run_dir, metrics
+
+
+def checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the flag; the old name warns)."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+def watched_run(tmp_path, name, overrides):
+    """`run`, keeping what the loop built and used: `policy` and `optimizer` as built, `references` (every reference
+    model the loss was given) with the first one's weights as they were at the first loss (`reference_at_start`),
+    the dtypes of the policy forwards' logits, and how often the MLP of the policy's first decoder layer was called
+    (inside the layer's forward, which activation checkpointing replays in the backward)."""
+    seen = {"references": [], "logits_dtypes": set(), "layer_calls": 0}
+    build_optimizer, batch_loss = trainer.build_optimizer, trainer.batch_loss
+
+    def watch_optimizer(policy, trainer_cfg):
+        seen["policy"], seen["optimizer"] = policy, build_optimizer(policy, trainer_cfg)
+        policy.register_forward_hook(lambda module, args, out: seen["logits_dtypes"].add(out.logits.dtype))
+        policy.model.layers[0].mlp.register_forward_pre_hook(  # a pre-hook: a replay may stop inside the MLP
+            lambda module, args: seen.__setitem__("layer_calls", seen["layer_calls"] + 1))
+        return seen["optimizer"]
+
+    def watch_loss(policy, reference, *args, **kwargs):
+        if not seen["references"] and reference is not None:  # SFT runs none
+            seen["reference_at_start"] = {k: v.clone() for k, v in reference.state_dict().items()}
+        seen["references"].append(reference)
+        return batch_loss(policy, reference, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_optimizer", watch_optimizer)
+        mp.setattr(trainer, "batch_loss", watch_loss)
+        run_dir, metrics = run(tmp_path, name, overrides)
+    return run_dir, metrics, seen
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """One run with QUICK's settings (fp32, AdamW, no activation checkpointing), read by several tests."""
+    return watched_run(tmp_path_factory.mktemp("plain"), "r", [])
 
 
 def weights(run_dir):
@@ -58,8 +100,8 @@ def test_grad_accumulation_gives_the_gradient_of_one_large_batch(loss):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_same_seed_same_run_other_seed_other_run(tmp_path):
-    a, _ = run(tmp_path, "a", [])
+def test_same_seed_same_run_other_seed_other_run(tmp_path, plain):
+    a = plain[0]
     b, _ = run(tmp_path, "b", [])
     c, _ = run(tmp_path, "c", ["seed=1"])
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs]
@@ -82,9 +124,14 @@ def test_run_dir_metrics_use_trl_names_and_eval_prefix(tmp_path):
     assert eval_rows[0]["eval/rewards/margins"] == 0.0 and eval_rows[0]["eval/rewards/accuracies"] == 0.0
 
 
-def test_final_model_loads_with_from_pretrained_and_generates(tmp_path):
-    run_dir, _ = run(tmp_path, "r", [])
+def test_final_model_loads_with_from_pretrained_and_generates(plain):
+    run_dir, _, seen = plain
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    trained = seen["policy"].state_dict()
+    assert model.state_dict().keys() == trained.keys()
+    for name, value in model.state_dict().items():  # final/ holds the weights the loop trained, bit for bit
+        assert torch.equal(value, trained[name]), name
+    assert any(not torch.equal(trained[name], value) for name, value in seen["reference_at_start"].items())
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Copy: a b c d"}], tokenize=False,
                                            add_generation_prompt=True)
@@ -95,13 +142,21 @@ def test_final_model_loads_with_from_pretrained_and_generates(tmp_path):
     assert not list((run_dir / "final").glob("*.bin"))
 
 
-def test_reference_stays_fixed_while_policy_moves(tmp_path):
-    run_dir, _ = run(tmp_path, "r", ["trainer.max_steps=4"])
+def test_reference_stays_fixed_while_policy_moves(plain):
+    run_dir, _, seen = plain
     logged = rows(run_dir)
     train_rows = [r for r in logged if "loss" in r]
     # The reward is beta * (policy - reference) log-ratio: it moves away from 0 only if the two differ.
     assert train_rows[0]["rewards/margins"] == 0.0
     assert train_rows[-1]["rewards/margins"] != 0.0
+    # One reference throughout, its weights after training those it started with, which are the initial policy's
+    # (the random init the run kept in reference/); the policy's are not.
+    (reference,) = {id(r): r for r in seen["references"]}.values()
+    assert reference is not seen["policy"]
+    start, initial = seen["reference_at_start"], load_file(str(run_dir / "reference" / "model.safetensors"))
+    assert all(torch.equal(value, start[name]) for name, value in reference.state_dict().items())
+    assert all(torch.equal(value, start[name]) for name, value in initial.items())
+    assert any(not torch.equal(value, start[name]) for name, value in seen["policy"].state_dict().items())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -111,11 +166,24 @@ def test_reference_stays_fixed_while_policy_moves(tmp_path):
     ["loss=sft"],
     ["trainer.max_steps=null", "trainer.epochs=0.25"],
 ])
-def test_loop_options_train_to_finite_losses(tmp_path, overrides):
-    run_dir, after = run(tmp_path, "r", overrides)
+def test_loop_options_train_to_finite_losses(tmp_path, overrides, plain):
+    run_dir, after, seen = watched_run(tmp_path, "r", overrides)
     train_rows = [r for r in rows(run_dir) if "loss" in r]
     assert train_rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     assert torch.isfinite(torch.tensor(after["eval/loss"]))
+    cfg = compose_config([*QUICK, *overrides]).trainer
+    expected = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[cfg.optimizer]
+    assert type(seen["optimizer"]) is expected
+    assert checkpointing(seen["policy"]) == cfg.gradient_checkpointing
+    # bf16: the policy's forwards ran under bf16 autocast (the weights stay fp32), so its numbers are not fp32's.
+    # (Anchor sampling runs outside the autocast: fp32 logits there.)
+    assert (torch.bfloat16 in seen["logits_dtypes"]) == (cfg.precision == "bf16")
+    assert next(seen["policy"].parameters()).dtype == torch.float32
+    if cfg.precision == "bf16":
+        fp32_rows = [r for r in rows(plain[0]) if "loss" in r]
+        assert train_rows[0]["logps/chosen"] != fp32_rows[0]["logps/chosen"]
+        assert [r["loss"] for r in train_rows] != [r["loss"] for r in fp32_rows]
+        assert [r["loss"] for r in train_rows] == pytest.approx([r["loss"] for r in fp32_rows], rel=0.05)
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
@@ -124,7 +192,11 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     assert [r["step"] for r in rows(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
-    plain, _ = run(tmp_path, "plain", [])
-    ckpt, _ = run(tmp_path, "ckpt", ["trainer.gradient_checkpointing=true"])
-    assert [r.get("loss") for r in rows(plain)] == pytest.approx([r.get("loss") for r in rows(ckpt)], abs=1e-5)
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, plain):
+    plain_dir, _, plain_seen = plain
+    ckpt, _, ckpt_seen = watched_run(tmp_path, "ckpt", ["trainer.gradient_checkpointing=true"])
+    assert [r.get("loss") for r in rows(plain_dir)] == pytest.approx([r.get("loss") for r in rows(ckpt)], abs=1e-5)
+    assert checkpointing(ckpt_seen["policy"]) and not checkpointing(plain_seen["policy"])
+    # Checkpointing replays each training forward's layers in the backward: the first layer's MLP runs once more
+    # per training forward; the evaluations and anchor sampling (no gradient) run alike.
+    assert ckpt_seen["layer_calls"] >= plain_seen["layer_calls"] + 3

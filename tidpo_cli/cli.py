@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 USAGE = """usage: tidpo COMMAND [ARGS]
 
@@ -147,6 +147,10 @@ def run_train(args: list[str]) -> None:
 
     # Let errors reach us instead of Hydra's own report, so a user's mistake is one line with exit code 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        refuse_base_options(args)
+    except UserError as e:
+        fail(str(e))
     if {"-m", "--multirun"} & set(args) and {"--cfg", "-c"} & set(args):
         try:
             return print_sweep(args)
@@ -156,6 +160,8 @@ def run_train(args: list[str]) -> None:
             fail(_one_line(e))
     entry = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_train_job)
     sys.argv = ["tidpo train", *args, *_shared_run_dir(args)]
+    if {"-h", "--help"} & set(args):
+        entry = _without_base_options(entry)
     try:
         entry()
     except UserError as e:
@@ -177,6 +183,43 @@ def run_train(args: list[str]) -> None:
                      disk.strerror))
 
 
+def _groups_with_base() -> list[str]:
+    """The config groups whose `base.yaml` holds what every option of the group shares (each option lists it first
+    in its defaults): a file to inherit from, not an option to pick."""
+    return sorted(p.parent.name for p in conf_dir().glob("*/base.yaml"))
+
+
+def refuse_base_options(overrides: list[str]) -> None:
+    """`loss=base` (or `model=base`, `data=base`, in a sweep's list too) as one line naming the options to pick;
+    composed, it would stop later on a value it leaves unset (`loss.name has no value`)."""
+    groups = _groups_with_base()
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key in groups and "base" in (v.strip() for v in value.split(",")):
+            options = sorted(p.stem for p in (conf_dir() / key).glob("*.yaml") if p.stem != "base")
+            raise ConfigError(f"{key}=base is not an option to pick: conf/{key}/base.yaml holds the defaults every "
+                              f"{key} option shares; pick one of: {', '.join(options)}")
+
+
+def _without_base_options(entry):
+    """`tidpo train --help` with the groups' `base` files left out of the options it lists."""
+    import contextlib
+    import io
+    import re
+
+    pattern = re.compile(rf"^({'|'.join(map(re.escape, _groups_with_base()))}): base(, |$)", flags=re.M)
+
+    def help_entry() -> None:
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buffer):
+                entry()
+        finally:
+            sys.stdout.write(pattern.sub(r"\1: ", buffer.getvalue()))
+
+    return help_entry
+
+
 def compose_config(overrides: list[str]):
     """The validated config that `tidpo train OVERRIDES` would run with, without running it (for eval and
     tests). A bad override or value is a UserError of one line."""
@@ -186,6 +229,7 @@ def compose_config(overrides: list[str]):
 
     from .config import validate
 
+    refuse_base_options(list(overrides))
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="train", overrides=list(overrides))

@@ -2,8 +2,10 @@
 
 The config is the run's own (its `.hydra/overrides.yaml` composed again) with the command line's overrides on
 top, so `tidpo eval RUN` scores the run's held-out pairs with its loss and beta, and `data=...` or
-`loss.beta=...` change what is scored. The numbers are those of training's held-out evaluation
-(`trainer.evaluate`: TRL's metric names, no anchors), plus per-token mean log-probs.
+`loss.beta=...` change what is scored. A model outside a run has no run config, so its command line must name the
+data (`data=OPTION` or `data.KEY=VALUE`) rather than score the default config's synthetic demo task. The numbers
+are those of training's held-out evaluation (`trainer.evaluate`: TRL's metric names, no anchors), plus per-token
+mean log-probs.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def eval_main(argv: list[str]) -> None:
         raise UserError(f"--temperature must be a positive number, got {args.temperature:g}")
 
     _, _, run_dir = locate(args.model)
+    if run_dir is None and not picks_data(args.overrides):
+        raise UserError(f"'{args.model}' is not inside a tidpo run, so there is no run config to say which pairs to "
+                        "score: give the data, e.g. data=preference data.path=pairs.jsonl, data=hh_rlhf "
+                        "data.path=FILE, or data=synthetic (the demo task)"
+                        + ("; and the reference model with --reference PATH" if args.reference is None else ""))
     cfg = compose_config(combined_overrides(run_overrides(run_dir), args.overrides))  # stops before loading
     out = Path(args.out).expanduser() if args.out else (run_dir / "eval" if run_dir else Path("eval"))
     claim_output(out, OUTPUTS, given=args.out is not None, overwrite=args.overwrite)
@@ -118,6 +125,13 @@ def run_overrides(run_dir: Path | None) -> list[str]:
     if path is None or not path.is_file():
         return []
     return [o for o in OmegaConf.load(path) if not str(o).lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+
+def picks_data(overrides: list[str]) -> bool:
+    """Whether the command line says which data to score: `data=OPTION` or any `data.KEY=VALUE`. Without a run's
+    config the default would be the demo's synthetic task, which is rarely what a model from elsewhere is for."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    return any(k == "data" or k.startswith("data.") for k in keys)
 
 
 def combined_overrides(run: list[str], given: list[str]) -> list[str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the checkpoint checksums cost (issue 14): the time of `save_checkpoint` and the part of it spent hashing
+"""What the checkpoint checksums cost: the time of `save_checkpoint` and the part of it spent hashing
 (manifest.write_manifest: size and CRC-32 of every file), and the time of the check on resume (manifest.check_files),
 on the bench model of scripts/bench/distributed.py, one process, plain engine, AdamW with its state filled by one step.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU, 2 processes, issue 15: step time of loss=dpo, loss=tidpo_no_triplet and loss=tidpo in one process and in
+"""CPU, 2 processes: step time of loss=dpo, loss=tidpo_no_triplet and loss=tidpo in one process and in
 2 processes under DeepSpeed ZeRO-2 and ZeRO-3, and whether TI-DPO's cost against DPO survives the distribution.
 
     make bench-distributed
@@ -23,7 +23,7 @@ Step time: 8 pairs / perf/samples_per_s of each row of the run's metrics.jsonl (
 ranks over the step's wall time); a run's figure is the median over the steps after the warm-up (default: 8
 steps, the first 2 left out, "the median of steps 3-8"); a cell's is the median over its BENCH_REPEATS runs (each
 run is kept in the JSON; CPU timings on this shared machine move by up to a fifth). With repeats, every cell runs
-once before any runs again. Ratios tidpo_no_triplet / dpo and tidpo / dpo per setting, and the issue's targets
+once before any runs again. Ratios tidpo_no_triplet / dpo and tidpo / dpo per setting, and the targets below
 as checks (pass / fail), under zero2 and under zero3:
   (a) each ratio at most 1.15x the same ratio in one process (distributed / single <= 1.15);
   (b) tidpo_no_triplet <= 1.35x and tidpo <= 2.0x a DPO step.
@@ -65,7 +65,7 @@ SETTINGS: dict[str, tuple[int, list[str]]] = {
 }
 LOSSES = ["dpo", "tidpo_no_triplet", "tidpo"]
 BASELINE = "dpo"
-# The issue's targets: (a) a distributed ratio at most this factor of one process's; (b) the ratio's ceiling.
+# The targets: (a) a distributed ratio at most this factor of one process's; (b) the ratio's ceiling.
 SAME_RATIO = 1.15
 CEILINGS = {"tidpo_no_triplet": 1.35, "tidpo": 2.0}
 
@@ -161,7 +161,7 @@ def _verdict(value: float | None, low: float, high: float) -> bool | None:
 
 
 def checks(ratio: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]:
-    """The issue's targets under each distributed setting: (a) its ratio at most SAME_RATIO times one process's
+    """The targets (SAME_RATIO, CEILINGS) under each distributed setting: (a) its ratio at most SAME_RATIO times one process's
     ratio (what distribution adds to TI-DPO's cost; a lower one passes: distributed TI-DPO costing relatively less
     is no fault), (b) the ratio at most its ceiling. `pass` None where a figure is missing."""
     out = {}

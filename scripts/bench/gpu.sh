@@ -13,7 +13,13 @@
 # show what its extra passes cost in DPO-equivalent throughput.
 set -uo pipefail
 OUT=${OUT:-bench-gpu}
+# HH: the harmless-base test split of Anthropic/hh-rlhf (harmless-base/test.jsonl.gz on the hub; docs/benchmarks.md).
+# The default path exists only in the development setup (../shared beside the checkout).
 HH=${HH:-../shared/data/hh-rlhf-harmless-base/test.jsonl.gz}
+if [ ! -f "$HH" ]; then
+  echo "scripts/bench/gpu.sh: no HH-RLHF file at $HH: pass HH=path/to/hh-rlhf/harmless-base/test.jsonl.gz (docs/benchmarks.md says where to get it)" >&2
+  exit 2
+fi
 PY=${PYTHON:-python3}
 STEPS=${BENCH_STEPS:-20}
 WARMUP=${BENCH_WARMUP:-5}

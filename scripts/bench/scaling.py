@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""CPU scaling table, issue 8: step time of `tidpo train` loss=dpo and loss=tidpo over max_length x batch.
+"""CPU scaling table: step time of `tidpo train` loss=dpo and loss=tidpo over max_length x batch.
 
-    make bench-scaling
+    make bench-scaling HH=path/to/hh-rlhf/harmless-base/test.jsonl.gz
     BENCH_LENGTHS=128,256 BENCH_BATCHES=4 BENCH_MODEL=hidden_size=64,intermediate_size=256,num_hidden_layers=2 \
         python scripts/bench/scaling.py          # a quick look that proves nothing about speed
 
-The same driver as scripts/bench/trl_vs_tidpo.py (its functions, imported): one model directory (the issue's
+The same driver as scripts/bench/trl_vs_tidpo.py (its functions, imported): one model directory (the bench's
 ~25 M-parameter Llama, byte-level tokenizer, fixed seed), then for each max_length (prompt limit = half of it)
 and batch one rows file, and for each loss one `tidpo train` child (2 threads, fp32, no eval, no saving, rows in
 file order); the median step time after the warm-up steps. Writes BENCH_OUT (bench-scaling.json at the repo root)
@@ -27,7 +27,8 @@ longest length <= its value at the shortest x (1 + BENCH_TOLERANCE), default 0.1
 
 Environment knobs: BENCH_LENGTHS (128,256,512,1024), BENCH_BATCHES (4,8,16), BENCH_LOSSES (dpo,tidpo),
 BENCH_STEPS (3), BENCH_WARMUP (1), BENCH_SCALING_ROWS, BENCH_TOLERANCE, BENCH_OUT (bench-scaling.json), and as in
-trl_vs_tidpo.py: BENCH_MODEL, BENCH_TIDPO_ARGS, BENCH_THREADS, BENCH_LR, BENCH_SEED, HH, BENCH_WORK, BENCH_KEEP.
+trl_vs_tidpo.py: BENCH_MODEL, BENCH_TIDPO_ARGS, BENCH_THREADS, BENCH_LR, BENCH_SEED, HH (the HH-RLHF file, as there:
+without it the command stops in one line saying to pass HH=PATH), BENCH_WORK, BENCH_KEEP.
 Every cell runs a full child process; at the default grid that is 24 runs, the 1024 x 16 tidpo ones the longest.
 """
 
@@ -119,6 +120,7 @@ def markdown(cells: list[dict], losses: list[str]) -> str:
 
 def main() -> int:
     s = bench.Settings.from_env(steps=3, warmup=1)
+    bench.require_hh(s, "make bench-scaling")
     lengths = _ints(os.environ.get("BENCH_LENGTHS", "128,256,512,1024"))
     batches = _ints(os.environ.get("BENCH_BATCHES", "4,8,16"))
     losses = [x.strip() for x in os.environ.get("BENCH_LOSSES", "dpo,tidpo").split(",") if x.strip()]

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""CPU benchmark, issue 8: TRL's DPOTrainer and `tidpo train` side by side on the same model, rows and settings.
+"""CPU benchmark: TRL's DPOTrainer and `tidpo train` side by side on the same model, rows and settings.
 
-    make bench                                   # installs the `bench` extra (TRL) if missing, then runs this
-    python scripts/bench/trl_vs_tidpo.py         # the same, in a venv that has TRL
+    make bench HH=path/to/hh-rlhf/harmless-base/test.jsonl.gz   # installs the `bench` extra (TRL) if missing
+    HH=path/to/test.jsonl.gz python scripts/bench/trl_vs_tidpo.py  # the same, in a venv that has TRL
+    python scripts/bench/trl_vs_tidpo.py --check-data          # only check that the HH-RLHF file is there
     BENCH_STEPS=3 BENCH_WARMUP=1 BENCH_MODEL=hidden_size=64,intermediate_size=256,num_hidden_layers=2 \
         python scripts/bench/trl_vs_tidpo.py     # a quick look that proves nothing about speed
 
@@ -29,7 +30,7 @@ One invocation, one process tree. The driver (this process)
      the rows themselves (BOS + prompt + response + EOS of both sides), so neither tool's padding counts as work;
      peak RSS; setup_s = the child's wall time outside its timed steps (start-up, imports, loading the model and
      reference, reading and tokenising the data; TRL's one-time dataset tokenisation is also reported alone as
-     tokenize_s); ratios within this run and the issue's targets; writes BENCH_OUT and prints a markdown table.
+     tokenize_s); ratios within this run and the targets (TARGETS below); writes BENCH_OUT and prints a markdown table.
 
 Step times: TRL's from a TrainerCallback (on_step_begin to on_step_end: forward, backward, optimizer step; the
 batch is fetched and collated just before on_step_begin); tidpo's from its metrics.jsonl (each row's
@@ -48,8 +49,13 @@ Environment knobs:
                      overrides starting with the word `trl` make a TRL row with DPOConfig fields instead, e.g.
                        BENCH_EXTRA="trl_dpo_precompute:trl precompute_ref_log_probs=true"
   BENCH_MODEL        LlamaConfig overrides, "key=value,key=value" (a smaller model for a quick look)
-  BENCH_SEED         model init seed (0)                       HH             the HH-RLHF file
+  BENCH_SEED         model init seed (0)                       HH             the HH-RLHF file (below)
   BENCH_WORK         work directory (default: a temp dir, removed afterwards unless BENCH_KEEP=1 or a run failed)
+
+HH: the harmless-base test split of Anthropic's HH-RLHF, `harmless-base/test.jsonl.gz` of the hub dataset
+Anthropic/hh-rlhf (2,312 rows of {"chosen", "rejected"} dialogues; docs/benchmarks.md says how to fetch it). The
+default, ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz beside the checkout, exists only in the development
+setup; without the file the command stops in one line saying to pass HH=PATH, before anything is built.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ ROOT = HERE.parents[1]
 DEFAULT_HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 HH_ASSISTANT = "\n\nAssistant:"
 
-# The issue's model: about 25 M parameters with the byte-level vocabulary.
+# The bench model: about 25 M parameters with the byte-level vocabulary.
 MODEL_CONFIG: dict[str, Any] = dict(
     hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
     max_position_embeddings=1024, tie_word_embeddings=False,
@@ -87,7 +93,7 @@ CONTENDERS: dict[str, str] = {  # label -> `tidpo train` loss, or "trl"
     "tidpo_no_triplet": "loss=tidpo_no_triplet",
     "tidpo": "loss=tidpo",
 }
-# The issue's targets: (name, numerator, denominator, metric, op, threshold)
+# The targets tidpo is held to here: (name, numerator, denominator, metric, op, threshold)
 # Against TRL the whole run counts (every step, the same rows: tidpo's length grouping puts different rows in a
 # given step, so step-by-step medians compare different work); among tidpo rows, which share the batches, the
 # median step.
@@ -310,7 +316,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float | None]:
 
 
 def targets(results: dict[str, dict]) -> dict[str, dict]:
-    """Each target of the issue with its value, threshold and pass (None when a contender is missing)."""
+    """Each target (TARGETS) with its value, threshold and pass (None when a contender is missing)."""
     out = {}
     for name, a, b, metric, op, threshold in TARGETS:
         value = _ratio(results, a, b, metric)
@@ -613,8 +619,19 @@ def finish(tag: str, out: Path, doc: dict, report: str, work: Path, keep: bool, 
 # The driver
 
 
+def require_hh(s: Settings, command: str = "make bench") -> None:
+    """Stop in one line, exit code 2, when the HH-RLHF file is not there (a fresh clone has no ../shared)."""
+    if not Path(s.data).expanduser().is_file():
+        print(f"{command}: no HH-RLHF file at {s.data}: pass HH=path/to/hh-rlhf/harmless-base/test.jsonl.gz "
+              f"(docs/benchmarks.md says where to get it)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main() -> int:
     s = Settings.from_env()
+    require_hh(s)
+    if sys.argv[1:] == ["--check-data"]:  # the Makefile asks first, before it installs TRL
+        return 0
     contenders = dict(CONTENDERS)
     contenders.update(parse_extra(os.environ.get("BENCH_EXTRA", "")))
     if os.environ.get("BENCH_ONLY"):

@@ -1,4 +1,5 @@
-"""The paper's Table 1 comparison at demo scale (issue 13), end to end: warm-up, sweep, scoring, report.
+"""The paper's Table 1 comparison at demo scale (docs/results/baselines.md), end to end: warm-up,
+sweep, scoring, report.
 
     python scripts/experiments/baselines/run.py [--out runs/baselines] [--report docs/results] [--steps N]
 

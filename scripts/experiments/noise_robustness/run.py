@@ -1,4 +1,5 @@
-"""The label-noise and ablation study (issue 7), end to end: warm-up, sweep, scoring, report.
+"""The label-noise and ablation study (docs/results/noise_robustness.md), end to end: warm-up,
+sweep, scoring, report.
 
     python scripts/experiments/noise_robustness/run.py [--out runs/noise_robustness] [--report docs/results]
 
