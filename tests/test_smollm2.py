@@ -170,3 +170,30 @@ def test_eval_export_and_explain_read_the_run(run, capsys):
     table = json.loads((run_dir / "explain" / "explain.json").read_text())["examples"][0]
     assert "".join(table["chosen"]["tokens"]) == " Paris.<|im_end|>"
     capsys.readouterr()
+
+
+def test_the_experiments_data_files_from_hh_rows(tmp_path):
+    """scripts/data/hh_demo_files.py (make model-smollm2 / make data-hh): the same pairs as text and as messages;
+    without an HH file one line, exit 2 (exit 0 with --optional, as make model-smollm2 runs it)."""
+    hh = tmp_path / "hh.jsonl"
+    two_turns = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                 "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a colour.\n\nAssistant: No."}
+    hh.write_text("".join(json.dumps(r) + "\n" for r in (HH, {"chosen": "no turns", "rejected": "x"}, two_turns)))
+    script = [sys.executable, str(REPO / "scripts" / "data" / "hh_demo_files.py")]
+    done = subprocess.run([*script, "--hh", str(hh), "--out-dir", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    read = lambda name: [json.loads(line) for line in (tmp_path / "out" / name).read_text().splitlines()]
+    assert read("hh_rlhf.jsonl") == [HH, two_turns]
+    assert read("hh_messages.jsonl") == [
+        {"prompt": [{"role": "user", "content": QUESTION}], "chosen": [{"role": "assistant", "content": "Paris."}],
+         "rejected": [{"role": "assistant", "content": "London, I think."}]},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Name a colour."}],
+         "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}]
+    assert "1 HH rows left out" in done.stdout
+    for extra, code in (([], 2), (["--optional"], 0)):
+        missing = subprocess.run([*script, "--hh", str(tmp_path / "none.jsonl"), *extra], capture_output=True,
+                                 text=True, timeout=120)
+        assert missing.returncode == code and len(missing.stderr.strip().splitlines()) == 1
+        assert "no HH-RLHF file at" in missing.stderr and "HH=PATH" in missing.stderr
