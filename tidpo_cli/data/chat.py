@@ -121,8 +121,7 @@ def require_template(tokenizer: Any, options: ChatOptions) -> None:
 def render_pair(tokenizer: Any, prompt: list[Message], chosen: list[Message], rejected: list[Message],
                 options: ChatOptions) -> RenderedPair:
     """Prompt text (with the generation prompt) and the two response texts of one conversational pair."""
-    prompt = _with_system_prompt(tokenizer, prompt, options)
-    prompt_text = render(tokenizer, prompt, options, add_generation_prompt=True)
+    prompt_text, prompt = _rendered_prompt(tokenizer, prompt, options)
     fulls = [render(tokenizer, prompt + reply, options, add_generation_prompt=False) for reply in (chosen, rejected)]
     cut = len(prompt_text)
     if not all(full.startswith(prompt_text) for full in fulls):
@@ -152,14 +151,15 @@ def render(tokenizer: Any, messages: list[Message], options: ChatOptions, *, add
     return text
 
 
-def _with_system_prompt(tokenizer: Any, prompt: list[Message], options: ChatOptions) -> list[Message]:
-    """`prompt` with data.system_prompt in front, unless it has a system message of its own.
+def _rendered_prompt(tokenizer: Any, prompt: list[Message], options: ChatOptions) -> tuple[str, list[Message]]:
+    """The prompt's text with the generation prompt, and its messages: data.system_prompt in front, unless the
+    prompt has a system message of its own.
 
     A template that refuses a system message, or renders none, cannot honour the option: a run-level error
     rather than every row skipped or the instruction silently lost.
     """
     if options.system_prompt is None or any(m["role"] == "system" for m in prompt):
-        return prompt
+        return render(tokenizer, prompt, options, add_generation_prompt=True), prompt
     with_system = [{"role": "system", "content": options.system_prompt}, *prompt]
     try:
         rendered = render(tokenizer, with_system, options, add_generation_prompt=True)
@@ -171,7 +171,7 @@ def _with_system_prompt(tokenizer: Any, prompt: list[Message], options: ChatOpti
         raise DataError("data.system_prompt: the chat template does not render a system message (the text is "
                         "missing from the rendered prompt); unset data.system_prompt, or use a template with a "
                         "system role")
-    return with_system
+    return rendered, with_system
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
