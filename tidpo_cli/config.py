@@ -61,6 +61,12 @@ def window_setting(v: Any) -> Optional[str]:
     return None if ok else "a whole number > 0 or auto"
 
 
+def cache_setting(v: Any) -> Optional[str]:
+    # YAML reads an unquoted off as false, which reaches a string key as "False"
+    ok = v.strip() and v not in ("False", "True")
+    return None if ok else 'off, auto, or a directory (in a YAML file write "off" in quotes)'
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = key()
@@ -78,6 +84,7 @@ class ModelConfig:
     dtype: str = key(one_of("float32", "bfloat16", "float16"))
     attn_implementation: str = key(one_of("eager", "sdpa", "flex_attention", "flash_attention_2"))
     trust_remote_code: bool = key()
+    reference: Optional[str] = key()
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -234,6 +241,7 @@ class TrainerConfig:
     keep_last: Optional[int] = key(above(0))
     resume: str = key(lambda v: None if v.strip() else "auto, never, or a checkpoint directory")
     max_bad_steps: int = key(above(0))
+    reference_cache: str = key(cache_setting)
 
 
 @dataclass

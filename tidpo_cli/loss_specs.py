@@ -136,3 +136,18 @@ def needs_reference(cfg: DictConfig) -> bool:
 
 def needs_nll(cfg: DictConfig) -> bool:
     return SPECS[cfg.name].nll or (cfg.name in DPO_FAMILY and "sft" in types_of(cfg))
+
+
+def reference_cacheable(cfg: DictConfig) -> bool:
+    """Whether what this loss reads of the reference for the data's pairs is their label log-probs alone, which
+    trainer.reference_cache can hold (TDPO's KL, loss.alpha, reads the reference's whole distributions)."""
+    return needs_reference(cfg) and not cfg.alpha
+
+
+def live_reference_parts(cfg: DictConfig) -> list[str]:
+    """What the reference still scores during training when its pairs' log-probs come from the cache: rows that
+    are not in the data."""
+    parts = ["TI-DPO's sampled anchors (loss.gamma)"] if cfg.gamma else []
+    if SPECS[cfg.name].kto_rows:
+        parts.append("KTO's mismatched prompt-completion rows (its reference point)")
+    return parts

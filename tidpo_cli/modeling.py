@@ -129,21 +129,65 @@ class AdapterOff:
             model.train(was_training)
 
 
-def with_reference(policy: PreTrainedModel, model_cfg: DictConfig, *, reference: bool = True):
+def with_reference(policy: PreTrainedModel, model_cfg: DictConfig, *, reference: bool = True, other=None):
     """(policy, reference, peft_model or None) for a loaded `policy`: under `model.lora` the adapters are added
-    and the reference is the policy with its adapter off; otherwise the reference is a frozen copy.
+    and the reference is the policy with its adapter off; otherwise the reference is a frozen copy. `other`: the
+    reference given by `model.reference` (load_reference), used instead of either.
     The reference is None when `reference` is False (SFT needs none)."""
     if not model_cfg.lora.enabled:
-        return policy, frozen_copy(policy) if reference else None, None
+        return policy, (other if other is not None else frozen_copy(policy)) if reference else None, None
     peft_model = add_lora(policy, model_cfg.lora)
-    return peft_model.get_base_model(), AdapterOff(peft_model) if reference else None, peft_model
+    if not reference:
+        return peft_model.get_base_model(), None, peft_model
+    return peft_model.get_base_model(), other if other is not None else AdapterOff(peft_model), peft_model
 
 
-def _load_failure(what: str, source: str, e: Exception) -> str:
+def check_reference_tokenizer(model_cfg: DictConfig, tokenizer) -> None:
+    """`model.reference` must score the policy's token ids: where it has a tokenizer of its own, that tokenizer's
+    vocabulary must be the policy's, token for token. Checked before any weights load."""
+    source = model_cfg.reference
+    try:
+        theirs = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return  # no tokenizer saved with it (weights only): its vocabulary size is checked when it loads
+    ours, other = tokenizer.get_vocab(), theirs.get_vocab()
+    if ours == other:
+        return
+    differing = sorted(set(ours.items()) ^ set(other.items()), key=lambda item: item[1])
+    token, index = differing[0]
+    side = "policy's" if ours.get(token) == index else "reference's"
+    raise UserError(f"model.reference={source}: its tokenizer is not the policy's ({len(ours)} vs {len(other)} "
+                    f"tokens; {len(differing)} (token, id) entries differ, the first {token!r} = {index} in the "
+                    f"{side} only): a reference must share the policy's tokenizer (model.tokenizer or "
+                    "model.name_or_path), or its log-probs score other tokens")
+
+
+def load_reference(model_cfg: DictConfig, tokenizer) -> PreTrainedModel:
+    """The model `model.reference` names, loaded as the policy is (model.dtype, model.attn_implementation),
+    frozen and in eval mode; its embeddings must cover the policy's tokenizer."""
+    source = model_cfg.reference
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(_load_failure("reference model", source, e, key="model.reference")) from None
+    size = model.get_input_embeddings().num_embeddings
+    if size < len(tokenizer):
+        raise UserError(f"model.reference={source}: its embeddings have {size} rows, fewer than the policy's "
+                        f"tokenizer's {len(tokenizer)} tokens: a reference must share the policy's tokenizer")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _load_failure(what: str, source: str, e: Exception, key: str = "model.name_or_path (or model.tokenizer)") -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped local path.
     looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1
     if looks_local and not Path(source).exists():
-        return f"{what} path '{source}' does not exist: check model.name_or_path (or model.tokenizer)"
+        return f"{what} path '{source}' does not exist: check {key}"
     return (f"cannot load {what} '{source}': {first} (offline machines need a local copy: "
-            f"model.name_or_path=/path/to/model)")
+            f"{key.split()[0]}=/path/to/model)")

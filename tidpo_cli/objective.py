@@ -136,8 +136,7 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows)
     ref_logits = None
     if needs_reference(loss_cfg):
-        with torch.no_grad():
-            ref_logits, ref_logps, _ = forward(reference, rows)
+        ref_logits, ref_logps = reference_scores(reference, batch, rows, whole=bool(loss_cfg.alpha))
     else:
         ref_logps = torch.zeros_like(logps)
     ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T] (log-probs for a reference-free loss)
@@ -191,6 +190,23 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     }, count=half)
     add_logit_means(metrics, logits, rows, mask, half)
     return loss_sum, metrics
+
+
+@torch.no_grad()
+def reference_scores(reference, batch: Batch, rows: Batch, *, whole: bool):
+    """(the reference's logits or None, its label log-probs [rows, T]) for the rows of a forward: `batch`'s rows
+    then any that follow them in `rows` (anchors). The batch's rows come from `reference_logps`
+    (trainer.reference_cache) where it carries them, unless `whole` (the loss reads the reference's whole
+    distributions: TDPO's KL); the rows after them are scored live, on their own."""
+    cached = batch.get("reference_logps")
+    if cached is None or whole:
+        logits, logps, _ = forward(reference, rows)
+        return logits, logps
+    logps = torch.nn.functional.pad(cached, (0, rows["labels"].shape[1] - cached.shape[1]))
+    if rows["input_ids"].shape[0] > cached.shape[0]:
+        after = {k: rows[k][cached.shape[0]:] for k in ("input_ids", "attention_mask", "labels")}  # unpacked rows
+        logps = torch.cat([logps, forward(reference, after)[1].to(logps.dtype)])
+    return None, logps
 
 
 def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: slice, width: int, seed: int,
@@ -295,8 +311,7 @@ def _unpaired_kto(policy, reference, batch: Batch, loss_cfg: DictConfig,
     the loss summed over the rows, z0 from the rows' mismatched completions as for pairs (TRL's KTOTrainer)."""
     metrics = MetricSums()
     logits, logps, mask = forward(policy, batch)
-    with torch.no_grad():
-        _, ref_logps, _ = forward(reference, batch)
+    _, ref_logps = reference_scores(reference, batch, batch, whole=False)
     ratio = ((logps - ref_logps) * mask).sum(-1)  # [N]
     kl = kto_reference_point(policy, reference, batch, ids.pad)
     good = batch["desirable"]

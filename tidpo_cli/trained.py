@@ -169,7 +169,11 @@ def reference_dir(run_dir: Path | None) -> Path | None:
 
 
 def reference_source(trained: Trained) -> str | None:
-    """Where the reference of `trained`'s run lives: the run's saved starting weights, or the model it loaded."""
+    """Where the reference of `trained`'s run lives: its `model.reference`, else the run's saved starting weights,
+    else the model it loaded."""
+    given = OmegaConf.select(trained.cfg, "model.reference", default=None) if trained.cfg is not None else None
+    if given is not None:
+        return given
     saved = reference_dir(trained.run_dir)
     if saved is not None:
         return str(saved)

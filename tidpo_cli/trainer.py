@@ -33,9 +33,11 @@ from .data.splits import load_splits
 from .anchors import attach_anchors, uses_anchors
 from .layout import check_attention, share_prompt, training_layout
 from . import tis
-from .loss_specs import needs_reference, uses_tis
+from .loss_specs import live_reference_parts, needs_reference, reference_cacheable, uses_tis
 from .objective import TokenIds, batch_loss, loss_items
-from .modeling import load_policy, load_tokenizer, pick_device, with_reference
+from .modeling import (check_reference_tokenizer, load_policy, load_reference, load_tokenizer, pick_device,
+                       with_reference)
+from .reference_cache import ReferenceCache, cache_dir, cache_key, fill, weights_fingerprint
 from .refresh import PROBE_END, record, window_size
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
@@ -129,12 +131,12 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 @torch.no_grad()
 def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, autocast,
-             dist: Dist = Dist(), share: bool | None = None) -> dict[str, float]:
+             dist: Dist = Dist(), share: bool | None = None, cache=None) -> dict[str, float]:
     """Metrics of the held-out pairs, averaged over all of them, with an `eval/` prefix.
 
     Each rank scores every `world`-th pair. All ranks run the same number of batches (a rank that runs out
     repeats its last one and drops its numbers): under ZeRO-3 every forward is a collective. `share`: the
-    layout (training passes its own); None: `share_prompt`'s.
+    layout (training passes its own); None: `share_prompt`'s. `cache`: the run's reference cache, if any.
     """
     was_training = policy.training
     policy.eval()
@@ -145,6 +147,8 @@ def evaluate(policy, reference, pairs, cfg: DictConfig, ids: TokenIds, device, a
     real = len(batches) if mine else 0
     for index in range(dist.max(len(batches))):
         batch = batches[min(index, len(batches) - 1)]
+        if cache is not None:
+            batch = cache.attach(batch)
         with autocast():
             _, metrics = batch_loss(policy, reference, to_device(batch, device), cfg.loss, ids,
                                     seed=cfg.seed + index, with_anchor=False)
@@ -196,6 +200,8 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
     autocast = nullcontext if cfg.deepspeed.enabled else bf16  # DeepSpeed casts to bf16 itself
 
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.model.reference is not None and needs_reference(cfg.loss):
+        check_reference_tokenizer(cfg.model, tokenizer)  # before the data is read and any weights load
     template = chat_options(cfg.data).template
     if template is not None:  # data.chat_template: what the data is rendered with, and what final/ is saved with
         tokenizer.chat_template = template
@@ -222,7 +228,16 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
         # A model built from random weights exists nowhere else: keep it, so `tidpo eval` can use the reference
         # this run used, and a LoRA adapter has its base.
         save_hf_model(policy, tokenizer, run_dir / "reference")
-    policy, reference, peft_model = with_reference(policy, cfg.model, reference=needs_reference(cfg.loss))
+    other = None
+    if cfg.model.reference is not None and needs_reference(cfg.loss):
+        other = load_reference(cfg.model, tokenizer).to(device)
+        log.info("reference: %s (model.reference)", cfg.model.reference)
+    elif cfg.model.reference is not None:
+        log.warning("model.reference=%s is not loaded: loss=%s reads no reference", cfg.model.reference, cfg.loss.name)
+    caching = cache_dir(t.reference_cache, run_dir) if reference_cacheable(cfg.loss) else None
+    # Hashed before LoRA adapters are added and DeepSpeed partitions the weights.
+    fingerprint = weights_fingerprint(other if other is not None else policy) if caching else None
+    policy, reference, peft_model = with_reference(policy, cfg.model, reference=needs_reference(cfg.loss), other=other)
     if reference is None:
         log.info("reference: none (loss=%s reads no reference model's log-probs)", cfg.loss.name)
     if t.gradient_checkpointing:
@@ -249,13 +264,27 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, steps)
     reference = shard_reference(reference, cfg, dist)
+    cache = None
+    if caching is not None:
+        cache = ReferenceCache(caching, cache_key(cfg, fingerprint, device))
+        found, computed = fill(cache, reference, [*splits.train, *splits.eval], batch_size=t.eval_batch_size,
+                               pad_id=ids.pad, share_prompt=stream.share_prompt, device=device, autocast=autocast,
+                               dist=dist)
+        live = live_reference_parts(cfg.loss)
+        log.info("reference cache %s: %d sequences read, %d computed; %s", cache.folder, found, computed,
+                 f"the reference still runs for {' and '.join(live)}" if live else
+                 "the reference runs no forward from here on")
+    elif t.reference_cache != "off" and needs_reference(cfg.loss):
+        log.info("trainer.reference_cache: not used, loss.alpha=%s (TDPO's KL reads the reference's whole "
+                 "distributions, which no cache holds)", cfg.loss.alpha)
+    rows = cache.attach if cache is not None else (lambda batch: batch)
     engine = build_engine(policy, optimizer, scheduler, cfg, dist)
     model = engine.module  # what forward passes call: under DeepSpeed the engine, whose hooks they need
     tracker = Tracker(run_dir, cfg.logger, steps, config=OmegaConf.to_container(cfg, resolve=True), main=dist.main)
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluate(model, reference, splits.eval, cfg, ids, device, autocast, dist,
-                           share=stream.share_prompt)
+                           share=stream.share_prompt, cache=cache)
         tracker.log_eval(step, metrics)
         return metrics
 
@@ -293,7 +322,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
     ahead: list[tuple[list, tuple[int, int]]] = []  # steps read in advance: (this rank's micro-batches, stream place)
 
     def take_step() -> tuple[list, tuple[int, int]]:
-        micro = [to_device(b, device) for k, b in enumerate(next(batches) for _ in range(t.grad_accum * dist.world))
+        micro = [to_device(rows(b), device) for k, b in enumerate(next(batches) for _ in range(t.grad_accum * dist.world))
                  if k % dist.world == dist.rank]
         return micro, (stream.epoch, stream.position)
 
