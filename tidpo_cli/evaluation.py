@@ -5,7 +5,7 @@ top, so `tidpo eval RUN` scores the run's held-out pairs with its loss and beta,
 `loss.beta=...` change what is scored. A model outside a run has no run config, so its command line must name the
 data (`data=OPTION` or `data.KEY=VALUE`) rather than score the default config's synthetic demo task. The numbers
 are those of training's held-out evaluation (`trainer.evaluate`: TRL's metric names, no anchors), plus per-token
-mean log-probs.
+mean log-probs; with `--samples N`, also the samples' diversity (`samples/*`, defined in `diversity.DEFINITIONS`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .anchors import generate
 from .cli import compose_config
 from .data.examples import TokenizedPair
 from .data.splits import load_splits
+from .diversity import DEFINITIONS, distinct_n, self_bleu, token_entropy
 from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
@@ -107,13 +108,19 @@ def eval_main(argv: list[str]) -> None:
     metrics = {k.removeprefix("eval/"): v for k, v in
                evaluate(trained.model, reference, pairs, cfg, ids, device, autocast).items()}
     metrics.update(per_token_logps(metrics, pairs))
-    samples = sample_generations(trained, pairs, args) if args.samples else []
+    samples, diversity = sample_generations(trained, pairs, args) if args.samples else ([], {})
+    undefined = [name for name in DEFINITIONS if args.samples and name not in diversity]
+    if undefined:
+        print(f"left out {', '.join(undefined)}: not defined on these samples (Self-BLEU needs 2 samples a prompt, "
+              "Distinct-n samples of n words or more)", file=sys.stderr)
+    metrics.update(diversity)
 
     report = {
         "model": str(trained.source), "reference": reference_name, "run_dir": str(run_dir) if run_dir else None,
         "split": args.split, "pairs": len(pairs), "data": data_description(cfg.data),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True), "overrides": list(args.overrides),
-        "metrics": metrics, "samples": samples,
+        "metrics": metrics, "definitions": {k: v for k, v in DEFINITIONS.items() if k in metrics},
+        "samples": samples,
     }
     write_report(report, out)
 
@@ -165,8 +172,10 @@ def per_token_logps(metrics: dict[str, float], pairs: list[TokenizedPair]) -> di
     return out
 
 
-def sample_generations(trained: Trained, pairs: list[TokenizedPair], args: argparse.Namespace) -> list[dict]:
-    """`--samples` responses for each of the first `--sample-prompts` prompts, with the pair's own responses."""
+def sample_generations(trained: Trained, pairs: list[TokenizedPair],
+                       args: argparse.Namespace) -> tuple[list[dict], dict[str, float]]:
+    """`--samples` responses for each of the first `--sample-prompts` prompts, with the pair's own responses; and
+    the samples' diversity metrics (`diversity_metrics`)."""
     tokenizer, device = trained.tokenizer, next(trained.model.parameters()).device
     chosen = pairs[: args.sample_prompts]
     contexts = [torch.tensor(p.prompt_ids, device=device) for p in chosen for _ in range(args.samples)]
@@ -177,10 +186,40 @@ def sample_generations(trained: Trained, pairs: list[TokenizedPair], args: argpa
     def text(ids) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    return [{"where": p.where, "prompt": text(p.prompt_ids), "chosen": text(p.chosen_ids),
-             "rejected": text(p.rejected_ids),
-             "samples": [text(o) for o in outputs[i * args.samples:(i + 1) * args.samples]]}
-            for i, p in enumerate(chosen)]
+    items = [{"where": p.where, "prompt": text(p.prompt_ids), "chosen": text(p.chosen_ids),
+              "rejected": text(p.rejected_ids),
+              "samples": [text(o) for o in outputs[i * args.samples:(i + 1) * args.samples]]}
+             for i, p in enumerate(chosen)]
+    entropy = sample_entropy(trained.model, contexts, outputs)
+    return items, diversity_metrics([item["samples"] for item in items], entropy)
+
+
+def sample_entropy(model, contexts: list[torch.Tensor], continuations: list[torch.Tensor]) -> float:
+    """The policy's mean per-token entropy (nats) on its samples: each context + continuation run through the model
+    alone (no padding, dropout off, no grad), and `token_entropy` of the logits at the positions that predict the
+    continuation's tokens, averaged over all those tokens. `generate` cuts a continuation after its first EOS, so
+    the EOS it sampled counts and nothing after it exists."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for context, continuation in zip(contexts, continuations):
+                ids = torch.cat([context, continuation.to(context.device)])[None]
+                logits = model(input_ids=ids).logits[0, len(context) - 1:-1]
+                total, count = total + float(token_entropy(logits).sum()), count + len(continuation)
+    finally:
+        model.train(was_training)
+    return total / max(1, count)
+
+
+def diversity_metrics(groups: list[list[str]], entropy: float) -> dict[str, float]:
+    """`samples/distinct_2` and `samples/distinct_4` over all samples pooled, `samples/self_bleu` among each
+    prompt's samples, and `samples/entropy` (see DEFINITIONS); a metric the samples leave undefined (no sample of
+    n words, one sample a prompt) is left out."""
+    pooled = [s for group in groups for s in group]
+    values = {"samples/distinct_2": distinct_n(pooled, 2), "samples/distinct_4": distinct_n(pooled, 4),
+              "samples/self_bleu": self_bleu(groups), "samples/entropy": entropy}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def data_description(data_cfg: DictConfig) -> dict:
@@ -200,9 +239,13 @@ def render_markdown(report: dict) -> str:
         + (" (rewards use the importance-weighted margins)" if loss["name"] == "tidpo" else ""),
         "", "| metric | value |", "|---|---:|",
     ]
-    metrics = report["metrics"]
-    names = [n for n in TABLE if n in metrics] + sorted(n for n in metrics if n not in TABLE)
+    metrics, definitions = report["metrics"], report.get("definitions", {})
+    names = [n for n in TABLE if n in metrics] + sorted(n for n in metrics if n not in TABLE and n not in definitions)
     lines += [f"| {name} | {metrics[name]:.4f} |" for name in names]
+    if definitions:
+        lines += ["", f"Diversity of the {sum(len(item['samples']) for item in report['samples'])} samples:", "",
+                  "| metric | value | definition |", "|---|---:|---|"]
+        lines += [f"| {name} | {metrics[name]:.4f} | {text} |" for name, text in definitions.items()]
     for i, item in enumerate(report["samples"]):
         lines += ["", f"## Samples for prompt {i + 1} ({item['where']})", "", "Prompt:", "", _quoted(item["prompt"]),
                   "", "Chosen:", "", _quoted(item["chosen"]), "", "Rejected:", "", _quoted(item["rejected"])]
