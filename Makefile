@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tidpo-installed
 
-.PHONY: demo test install clean bench bench-scaling bench-distributed experiment
+.PHONY: demo test install clean bench bench-scaling bench-distributed bench-reference-cache experiment
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-scaling: $(STAMP)
 # ZeRO-3 (torchrun, gloo, on the CPU), writing bench-distributed.json. BENCH_REPEATS=3 runs every cell 3 times.
 bench-distributed: $(STAMP)
 	$(BIN)/python scripts/bench/distributed.py
+
+# A 6-job loss=dpo sweep with trainer.reference_cache off and auto, writing bench-reference-cache.json (docs/benchmarks.md).
+bench-reference-cache: $(STAMP)
+	$(BIN)/python scripts/bench/reference_cache.py
 
 # The label-noise and ablation study (docs/results/noise_robustness.md): about 35 minutes on 2 CPU cores (measured
 # there: 30 for the sweep, about 1 for the warm-up, 2 for the scoring), resumable (run it again after an

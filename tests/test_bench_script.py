@@ -279,3 +279,21 @@ def test_finish_writes_the_json_and_keeps_the_work_dir_only_when_asked_or_failed
     assert bench.finish("x", out, {}, "", work, keep=False, failed=True) == 1 and work.is_dir()
     assert bench.finish("x", out, {}, "", work, keep=True, failed=False) == 0 and work.is_dir()
     assert "[x] kept the work dir" in capsys.readouterr().out
+
+
+def test_reference_cache_agreement_reads_each_job_s_per_step_losses(tmp_path):
+    bench = _load("bench_reference_cache", "reference_cache")
+
+    def job(sweep: str, number: int, losses: list[float]) -> None:
+        folder = tmp_path / sweep / str(number)
+        folder.mkdir(parents=True)
+        rows = [{"step": 0, "eval/loss": 0.7}] + [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    job("off", 0, [0.5] * 25)
+    job("auto", 0, [0.5] * 20 + [0.5, 0.5002, 0.5, 0.5, 0.5])  # apart by 2e-4 at step 22
+    job("off", 1, [0.4] * 25)
+    job("auto", 1, [0.4 + 3e-6] + [0.4] * 24)
+    got = bench.agreement(tmp_path / "off", tmp_path / "auto")
+    assert got["first_step_past_1e-4_per_job"] == [22, None]
+    assert got["steps_1_20_max_loss_difference"] == pytest.approx(3e-6, rel=1e-6)

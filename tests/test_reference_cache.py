@@ -243,17 +243,33 @@ def test_fingerprint_follows_the_weights_and_ignores_lora_adapters():
 
 
 def test_a_sweep_shares_auto_and_tdpo_bypasses_it(tmp_path):
-    """`-m` over two betas with `trainer.reference_cache=auto`: the second job reads all the first computed, from
-    the sweep's directory. TDPO's KL needs whole distributions: no cache, one line says so."""
+    """`-m` over two betas with `trainer.reference_cache=auto`, both jobs at once (joblib): one computes, the other
+    waits for it and reads all of it, from the sweep's directory. TDPO's KL needs whole distributions: no cache, one
+    line says so."""
     sweep = tmp_path / "sweep"
     result = run_tidpo(["train", "-m", *QUICK, "loss=dpo", "loss.beta=0.1,0.2", "trainer.reference_cache=auto",
-                        "trainer.save_final=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                        "trainer.save_final=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    logs = [(sweep / str(job) / "train.log").read_text() for job in (0, 1)]
-    assert "0 sequences read, 224 computed" in logs[0] and "224 sequences read, 0 computed" in logs[1]
-    assert str(sweep / "reference_cache") in logs[1]
+    logs = sorted((sweep / str(job) / "train.log").read_text() for job in (0, 1))
+    assert "0 sequences read, 224 computed" in logs[0] or "0 sequences read, 224 computed" in logs[1]
+    assert sum("224 sequences read, 0 computed" in log for log in logs) == 1
+    assert all(str(sweep / "reference_cache") in log for log in logs)
+    assert len(list((sweep / "reference_cache").glob("*/*.index.npy"))) == 1
     tdpo = run_tidpo(["train", *QUICK, "loss=tdpo", "trainer.max_steps=1", "trainer.reference_cache=auto",
                       "trainer.save_final=false", f"hydra.run.dir={tmp_path / 'tdpo'}"], cwd=tmp_path)
     assert tdpo.returncode == 0, tdpo.stderr[-3000:]
     assert "trainer.reference_cache: not used, loss.alpha=" in (tmp_path / "tdpo" / "train.log").read_text()
     assert not (tmp_path / "tdpo" / "reference_cache").exists()
+
+
+def test_a_full_disk_under_the_cache_stops_in_one_line(tmp_path):
+    from test_faults import error_line, fill as fill_disk, small_disk
+
+    with small_disk(tmp_path / "disk", size="1m") as disk:
+        fill_disk(disk)
+        result = run_tidpo(["train", *QUICK, "loss=dpo", f"trainer.reference_cache={disk / 'cache'}",
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    error_line(result.stderr, "cannot write the reference cache", "No space left on device",
+                   "trainer.reference_cache")
