@@ -32,7 +32,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def counted_run(run_dir: Path, overrides: list[str]) -> dict:
+def counted_run(run_dir: Path, overrides: list[str], base: list[str] = QUICK) -> dict:
     """`tidpo train` in this process, counting the rows every reference forward was given; the log lines go to
     `RUN_DIR.log` beside it."""
     seen = {"forwards": 0, "rows": 0}
@@ -56,7 +56,7 @@ def counted_run(run_dir: Path, overrides: list[str]) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "shard_reference", watch)
         try:
-            train(validate(compose_config([*QUICK, *overrides, f"hydra.run.dir={run_dir}"])), run_dir)
+            train(validate(compose_config([*base, *overrides, f"hydra.run.dir={run_dir}"])), run_dir)
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
@@ -273,3 +273,27 @@ def test_a_full_disk_under_the_cache_stops_in_one_line(tmp_path):
     assert result.returncode == 2
     error_line(result.stderr, "cannot write the reference cache", "No space left on device",
                    "trainer.reference_cache")
+
+
+def test_kto_on_unpaired_rows_reads_its_rows_from_the_cache(tmp_path):
+    """Unpaired rows (one sequence each): the rows' log-probs come from the cache, the mismatched rows of KTO's
+    reference point still run (one forward per micro-batch); the losses are those of a run without the cache."""
+    from test_unpaired import ROWS
+
+    data = tmp_path / "u.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS * 4))
+    common = ["loss=kto", "data=preference", "data.format=auto", f"data.path={data}", "data.eval_size=4",
+              "trainer.micro_batch_size=4", "trainer.max_steps=3", "trainer.eval_batch_size=4", "logger.progress=off",
+              "trainer.warmup_steps=1"]
+    off = counted_run(tmp_path / "off", common, base=[])
+    cached = [*common, f"trainer.reference_cache={tmp_path / 'c'}"]
+    counted_run(tmp_path / "cold", cached, base=[])
+    warm = counted_run(tmp_path / "warm", cached, base=[])
+    for a, b in zip(metrics(tmp_path / "off"), metrics(tmp_path / "warm")):
+        for name in ("loss", "eval/loss", "rewards/chosen"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
+    # Off: per micro-batch the rows and the mismatched rows, 3 steps and 2 evals of one batch. Warm: the latter only.
+    assert off["forwards"] == 2 * 5 and warm["forwards"] == 5
+    assert "20 sequences read, 0 computed" in (tmp_path / "warm.log").read_text()
+    assert "KTO's mismatched prompt-completion rows" in (tmp_path / "warm.log").read_text()
