@@ -128,6 +128,9 @@ class ImportanceConfig:
     lam: float = key(closed(0.0, 1.0))
     sigma_div: float = key(above(0))
     grad_pass: str = key(one_of("auto", "separate", "fused"))
+    target: str = key(one_of("last_max_logit", "sequence_logp", "margin"))  # importance.TARGETS
+    attribution: str = key(one_of("grad_l1", "grad_x_input"))  # importance.ATTRIBUTIONS
+    exclude_last: bool = key()
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """`tidpo explain`: a picture of which response tokens TI-DPO weighs, and by how much (METHOD §1).
 
 For each response (chosen, and rejected when there is one) the model sees `prompt + response`, the
-gradient saliency of every token is computed with `importance.gradient_saliency`, and the weights the
-loss would use come from `importance.mix_weights` over the response span. Three files are written:
-`explain.html` (tokens coloured by weight), `explain.png` (heatmaps) and `explain.json` (the numbers).
+gradient saliency of every token is computed with `importance.gradient_saliency` (the run's
+`loss.importance.target` and `attribution`, else the paper's), and the weights the loss would use come from
+`importance.mix_weights` over the response span (with the run's `exclude_last`). Each response also gets
+`last_share`, the share of its weight on its last token, and, where the data marks critical characters
+(`chosen_critical` / `rejected_critical`, data/formats.py), `critical_share`, the share on the tokens that
+overlap them (`importance.weight_shares`). Three files are written: `explain.html` (tokens coloured by weight,
+critical tokens underlined), `explain.png` (heatmaps) and `explain.json` (the numbers).
 
 Colour scales: the raw importance (sum 1 over the response) and the prior (sum 1) are shown multiplied
 by the response length n, so that all three rows share the weights' scale (mean 1 over the response) and
@@ -33,13 +37,14 @@ from .data.formats import DEFAULT_CHAT, FORMATS, detect_format, to_example
 from .data.readers import read_rows
 from .data.tokenize import tokenize_example
 from .errors import CommandLineParser, DataError, UserError
-from .importance import gaussian_prior, gradient_saliency, mix_weights
+from .importance import ATTRIBUTIONS, TARGETS, gaussian_prior, gradient_saliency, last_token, mix_weights, weight_shares
 from .modeling import pick_device
 from .outputs import claim_output, write_files
 from .trained import load_trained, locate, run_config
 
 DEFAULT_LAM = 0.7        # paper Table B13 (conf/loss/tidpo.yaml)
 DEFAULT_SIGMA_DIV = 4.0  # paper Table B13: sigma = n / 4
+DEFAULT_TARGET, DEFAULT_ATTRIBUTION = "last_max_logit", "grad_l1"  # paper Eq. 5 and 6 (conf/loss/base.yaml)
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_ROWS = "0:8"
 PNG_MAX_EXAMPLES = 8
@@ -53,13 +58,20 @@ _VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
 # ---------------------------------------------------------------------------------------------- maths
 
 def importance_table(model: torch.nn.Module, tokenizer: Any, example: PreferenceExample, *, lam: float,
-                     sigma_div: float, max_length: int, max_prompt_length: int | None = None) -> dict:
+                     sigma_div: float, max_length: int, max_prompt_length: int | None = None,
+                     target: str = DEFAULT_TARGET, attribution: str = DEFAULT_ATTRIBUTION,
+                     exclude_last: bool = False) -> dict:
     """Token importance of each response of `example`, as plain lists (JSON-ready).
 
     Each side is `prompt + response` tokenized by `tokenize_example` (same BOS/EOS/truncation as
     training), span = the response tokens. Per side, over the n response tokens:
-    `saliency` (raw L1 gradient norms), `raw` (saliency / its sum: sums to 1; all 0 when the saliency is
-    0), `prior` (Gaussian prior, sums to 1), `weights` (`mix_weights`: mean 1, what TI-DPO uses).
+    `saliency` (raw importance: `attribution` of the gradient of `target`; by default L1 gradient norms),
+    `raw` (saliency / its sum: sums to 1; all 0 when the saliency is 0), `prior` (Gaussian prior, sums to
+    1), `weights` (`mix_weights`: mean 1, what TI-DPO uses), `last_share` (the weights' share on the last
+    token), `critical` (the critical tokens' indices, None where the example marks none) and `critical_share`
+    (the weights' share on them, None where unmarked). Each side is its own one-row batch; for the `margin`
+    target a chosen row differentiates + log p(response), a rejected one - log p(response), its own term of the
+    pair's difference (the other response's term has no gradient with respect to this row's embeddings).
     An empty `example.rejected` means "no rejected response": that side is None.
     Raises `BadRow` when the texts cannot be tokenized within the limits.
     """
@@ -70,28 +82,44 @@ def importance_table(model: torch.nn.Module, tokenizer: Any, example: Preference
     to_tokenize = example if has_rejected else dataclasses.replace(example, rejected=example.chosen)
     pair = tokenize_example(to_tokenize, tokenizer, max_length, max_prompt_length)
     texts = {"chosen": example.chosen, "rejected": example.rejected}
+    settings = {"lam": lam, "sigma_div": sigma_div, "target": target, "attribution": attribution,
+                "exclude_last": exclude_last}
     sides: dict[str, dict | None] = {}
-    for side, response_ids in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+    for side, response_ids, critical, sign in (("chosen", pair.chosen_ids, pair.critical[0], 1.0),
+                                               ("rejected", pair.rejected_ids, pair.critical[1], -1.0)):
         if side == "rejected" and not has_rejected:
             sides[side] = None
             continue
-        sides[side] = {"text": texts[side],
-                       **_side_table(model, tokenizer, pair.prompt_ids, response_ids, lam, sigma_div)}
+        sides[side] = {"text": texts[side], **_side_table(model, tokenizer, pair.prompt_ids, response_ids, critical,
+                                                          sign, **settings)}
     return {"where": example.where, "prompt": example.prompt, "prompt_tokens": len(pair.prompt_ids),
-            "truncated": pair.truncated, "lam": lam, "sigma_div": sigma_div, **sides}
+            "truncated": pair.truncated, **settings, **sides}
 
 
 def _side_table(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], response_ids: list[int],
-                lam: float, sigma_div: float) -> dict:
-    """The numbers for one response: one unpadded row, so nothing depends on batching."""
+                critical: tuple[int, ...] | None, sign: float, *, lam: float, sigma_div: float, target: str,
+                attribution: str, exclude_last: bool) -> dict:
+    """The numbers for one response: one unpadded row, so nothing depends on batching. `sign`: the row's side
+    (+1 chosen, -1 rejected), read by the `margin` target only."""
+    from .losses import IGNORE_INDEX
+    from .objective import saliency_targets
+
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + response_ids], device=device)
     mask = torch.ones_like(ids)
     span = torch.zeros_like(ids, dtype=torch.bool)
-    span[0, len(prompt_ids):] = True
-    saliency = gradient_saliency(model, ids, mask)                             # [1, T]
-    mixed = mix_weights(saliency, span, lam=lam, sigma_div=sigma_div)
     start = len(prompt_ids)
+    span[0, start:] = True
+    row = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~span, IGNORE_INDEX)}
+    sides = torch.tensor([sign], device=device)
+    saliency = gradient_saliency(model, ids, mask, attribution=attribution,                     # [1, T]
+                                 target_values=lambda hidden: saliency_targets(model, hidden, row, slice(None), target,
+                                                                               sides=sides))
+    mixed = mix_weights(saliency, span, lam=lam, sigma_div=sigma_div, exclude_last=exclude_last)
+    mixed_span = span & ~last_token(span) if exclude_last else span  # what the prior spans (mix_weights)
+    marked = torch.zeros_like(span)
+    if critical is not None:
+        marked[0, [start + i for i in critical]] = True
     response_saliency = saliency[0, start:].double().cpu()
     total = float(response_saliency.sum())
     raw = response_saliency / total if total > 0 else torch.zeros_like(response_saliency)
@@ -100,9 +128,12 @@ def _side_table(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], r
         "tokens": [token_text(tokenizer, i) for i in response_ids],
         "saliency": response_saliency.tolist(),
         "raw": raw.tolist(),
-        "prior": gaussian_prior(span, sigma_div)[0, start:].cpu().tolist(),
+        "prior": gaussian_prior(mixed_span, sigma_div)[0, start:].cpu().tolist(),
         "weights": mixed.weights[0, start:].cpu().tolist(),
         "fallback": mixed.fallbacks > 0,
+        "last_share": float(weight_shares(mixed.weights, span, last_token(span))[0]),
+        "critical": None if critical is None else list(critical),
+        "critical_share": None if critical is None else float(weight_shares(mixed.weights, span, marked)[0]),
     }
 
 
@@ -200,11 +231,14 @@ def _token_spans(side: dict, key: str, top: float) -> str:
     n = len(side["tokens"])
     scaled = _scaled(side, key)
     parts = []
+    critical = set(side.get("critical") or ())
     for i, token in enumerate(side["tokens"]):
         background, colour = _background(scaled[i], top)
         tip = (f"#{i} “{visible(token, space='␣')}”  weight {side['weights'][i]:.3f}  "
-               f"raw {side['raw'][i]:.4f} (×n {side['raw'][i] * n:.3f})  prior {side['prior'][i]:.4f}")
-        parts.append(f'<span style="background:{background};color:{colour}" title="{html.escape(tip)}">'
+               f"raw {side['raw'][i]:.4f} (×n {side['raw'][i] * n:.3f})  prior {side['prior'][i]:.4f}"
+               + ("  critical" if i in critical else ""))
+        underline = ";text-decoration:underline" if i in critical else ""
+        parts.append(f'<span style="background:{background};color:{colour}{underline}" title="{html.escape(tip)}">'
                      f"{html.escape(visible(token))}</span>")
         if "\n" in token:
             parts.append("<br>")
@@ -217,7 +251,10 @@ def _side_html(name: str, side: dict | None, top: float) -> str:
     n = len(side["tokens"])
     note = ('<p class="note">the saliency was 0 over this response: the weights are the prior alone</p>'
             if side["fallback"] else "")
-    return (f'<div class="side"><h3>{name} <small>{n} tokens</small></h3>{note}'
+    shares = f" · last token {side['last_share']:.0%} of the weight"
+    if side.get("critical_share") is not None:
+        shares += f" · critical tokens (underlined) {side['critical_share']:.0%}"
+    return (f'<div class="side"><h3>{name} <small>{n} tokens{shares}</small></h3>{note}'
             f'<div class="label">raw importance (share of the response, shown ×n)</div>'
             f'<div class="tokens">{_token_spans(side, "raw", top)}</div>'
             f'<div class="label">after prior (the weights TI-DPO uses, mean 1)</div>'
@@ -401,7 +438,8 @@ def _chat_options(cfg: Any) -> ChatOptions:
 
 
 def settings(args: argparse.Namespace, cfg: Any) -> dict:
-    """lam and sigma_div: explicit flags, else the run's loss.importance, else the paper's values.
+    """lam and sigma_div: explicit flags, else the run's loss.importance, else the paper's values; target,
+    attribution and exclude_last: the run's loss.importance, else the paper's (last_max_logit, grad_l1, false).
     max_length (default 512) and max_prompt_length (default half of it) come from the flags only: a run's
     training limits can be short (the demo's are 48) and would cut the text being explained."""
     def pick(flag, key, default, kind):
@@ -413,6 +451,14 @@ def settings(args: argparse.Namespace, cfg: Any) -> dict:
     lam = pick(args.lam, "loss.importance.lam", DEFAULT_LAM, float)
     sigma_div = pick(args.sigma_div, "loss.importance.sigma_div", DEFAULT_SIGMA_DIV, float)
     max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    target = _from_config(cfg, "loss.importance.target") or DEFAULT_TARGET
+    attribution = _from_config(cfg, "loss.importance.attribution") or DEFAULT_ATTRIBUTION
+    exclude_last = _from_config(cfg, "loss.importance.exclude_last") or False
+    for key, value, known in (("target", target, TARGETS), ("attribution", attribution, ATTRIBUTIONS),
+                              ("exclude_last", exclude_last, (True, False))):
+        if value not in known:
+            raise UserError(f"the run's config has loss.importance.{key}={value!r}, which this tidpo does not know: "
+                            f"expected one of {', '.join(map(str, known))}")
     if not 0.0 <= lam <= 1.0:
         raise UserError(f"--lam must be between 0 and 1 (the share of gradient importance in the mix), got {lam:g}")
     if not (sigma_div > 0 and math.isfinite(sigma_div)):
@@ -423,7 +469,8 @@ def settings(args: argparse.Namespace, cfg: Any) -> dict:
     if not 1 <= max_prompt < max_length:
         raise UserError(f"--max-prompt-length must be at least 1 and below --max-length ({max_length}), "
                         f"got {max_prompt}")
-    return {"lam": lam, "sigma_div": sigma_div, "max_length": max_length, "max_prompt_length": max_prompt}
+    return {"lam": lam, "sigma_div": sigma_div, "target": target, "attribution": attribution,
+            "exclude_last": bool(exclude_last), "max_length": max_length, "max_prompt_length": max_prompt}
 
 
 def command_line_example(args: argparse.Namespace, tokenizer: Any = None,
@@ -504,14 +551,14 @@ def explain_main(argv: list[str]) -> None:
     if _from_config(cfg, "loss.importance.span") == "prompt_response":
         print("tidpo explain: the run weighted prompt + response (span prompt_response); shown here: the "
               "response span, so its weights differ from that run's", file=sys.stderr)
-    print(f"model {model_dir}: lam {opts['lam']:g}, sigma_div {opts['sigma_div']:g}, "
+    print(f"model {model_dir}: lam {opts['lam']:g}, sigma_div {opts['sigma_div']:g}, target {opts['target']}, "
+          f"attribution {opts['attribution']}, exclude_last {str(opts['exclude_last']).lower()}, "
           f"max_length {opts['max_length']}, max_prompt_length {opts['max_prompt_length']}{source}")
 
     tables = []
     for index, ex in examples:
         try:
-            table = importance_table(model, tokenizer, ex, lam=opts["lam"], sigma_div=opts["sigma_div"],
-                                     max_length=opts["max_length"], max_prompt_length=opts["max_prompt_length"])
+            table = importance_table(model, tokenizer, ex, **opts)
         except BadRow as e:
             raise UserError(f"cannot explain {ex.where}: {e}") from None
         if table["truncated"]:
@@ -521,7 +568,21 @@ def explain_main(argv: list[str]) -> None:
             print(f"tidpo explain: {ex.where}: the chat template renders the prompt alone differently from the "
                   f"conversation; the prompt stops before {ex.prompt_cut!r} (data.template_mismatch)", file=sys.stderr)
         tables.append({"index": index, **table})
+    print(share_summary(tables))
     write_outputs(tables, out, {"model": str(model_dir), **opts})
+
+
+def share_summary(tables: list[dict]) -> str:
+    """One line: the mean `last_share` over the responses shown, and the mean `critical_share` over those the data
+    marks (when any is)."""
+    sides = [table[side] for table in tables for side in SIDES if table.get(side)]
+    line = f"last_share (weight on the last token): mean {sum(s['last_share'] for s in sides) / len(sides):.3f} " \
+           f"over {len(sides)} responses"
+    marked = [s["critical_share"] for s in sides if s["critical_share"] is not None]
+    if marked:
+        line += f"; critical_share (on the critical tokens): mean {sum(marked) / len(marked):.3f} over " \
+                f"{len(marked)} marked responses"
+    return line
 
 
 def write_outputs(tables: list[dict], out: Path, meta: dict) -> list[Path]:

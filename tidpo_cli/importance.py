@@ -2,12 +2,16 @@
 
 The saliency pass is its own backward pass, run before the loss forward: it asks autograd for the
 gradient with respect to the input embeddings only (`torch.autograd.grad`), so no parameter `.grad`,
-optimizer state or accumulated gradient is touched. The mixing is pure tensor maths.
+optimizer state or accumulated gradient is touched. What is differentiated (the target, `TARGETS`) and how
+a token's gradient becomes its raw importance (the attribution, `ATTRIBUTIONS`) are small functions of
+tensors, picked by name (`loss.importance.target`, `loss.importance.attribution`); the mixing is pure tensor
+maths.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,15 +32,81 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(dim=1)
 
 
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at each row's last True position of `mask` only (no position in a row without one)."""
+    mask = mask.bool()
+    last = torch.zeros_like(mask)
+    last[torch.arange(mask.shape[0], device=mask.device), last_positions(mask)] = True
+    return last & mask
+
+
+# ------------------------------------------------------------------------------ saliency targets
+# Each target gives one scalar per row, [N]; the saliency differentiates their sum. Rows do not interact in a
+# causal LM (a packed batch's responses are masked from each other), so the gradient of the sum with respect
+# to a row's response embeddings is the gradient of that row's own term. `sides` is +1 on a chosen row and
+# -1 on a rejected row (the collated order: chosen rows, then rejected rows).
+
+def last_max_logit(last_logits: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 5: max_v logits[last, v], the largest logit at each row's last position. `last_logits` [N, V]
+    are the logits at those positions; `sides` is not read."""
+    return last_logits.float().max(dim=-1).values
+
+
+def sequence_logp(label_logps: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """log p(y | x) = sum_t log p(y_t | x, y_<t), each row's log-likelihood of its own response. `label_logps`
+    [N, T] are the label log-probs at the response tokens, 0 elsewhere; `sides` is not read."""
+    return label_logps.sum(dim=-1)
+
+
+def pair_margin(label_logps: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """Each row's term of its pair's log p(y_w | x) - log p(y_l | x): + log p(y | x) on a chosen row, - log p(y | x)
+    on a rejected row. Summed over a pair's two rows it is the pair's difference, so one backward gives every row
+    the gradient of that difference with respect to its embeddings."""
+    return sides.to(label_logps.dtype) * sequence_logp(label_logps, sides)
+
+
+@dataclass(frozen=True)
+class Target:
+    reads: str  # "last_logits": the logits at each row's last position [N, V]; "label_logps": [N, T] (see above)
+    value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (what it reads, sides [N]) -> [N]
+
+
+TARGETS = {
+    "last_max_logit": Target("last_logits", last_max_logit),  # the paper's (Eq. 5)
+    "sequence_logp": Target("label_logps", sequence_logp),
+    "margin": Target("label_logps", pair_margin),
+}
+
+
+# ------------------------------------------------------------------------------ attributions
+# (gradient of the target with respect to the input embeddings [.., H], those embeddings [.., H]) -> [..] float32.
+
+def grad_l1(grad: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 6: || d target / d e_i ||_1, the L1 norm over the hidden size of the embedding's gradient."""
+    return grad.float().abs().sum(dim=-1)
+
+
+def grad_x_input(grad: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """|| (d target / d e_i) * e_i ||_1: the L1 norm of the gradient times the embedding, elementwise."""
+    return (grad.float() * embeds.float()).abs().sum(dim=-1)
+
+
+ATTRIBUTIONS = {"grad_l1": grad_l1, "grad_x_input": grad_x_input}
+
+
 def gradient_saliency(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                       position_ids: torch.Tensor | None = None,
-                      targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Raw importance I_i = || d max_v logits[last, v] / d e_i ||_1 for every position: [B, T] float32.
+                      targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      target_values: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      attribution: str = "grad_l1") -> torch.Tensor:
+    """Raw importance of every position, [B, T] float32: `ATTRIBUTIONS[attribution](g, e)` with `e` the input
+    embeddings and `g` the gradient with respect to them of the summed per-row targets. By default (`grad_l1`
+    of `last_max_logit`) I_i = || d max_v logits[last, v] / d e_i ||_1.
 
-    The model runs with dropout off (its train/eval mode is restored afterwards). Rows do not interact
-    in a causal LM, so the gradient of the summed targets gives every row its own gradient. `targets`
-    (rows, positions) names the positions whose max logit is taken (default: each row's last attended
-    position); a packed batch (packing.py) passes its 4-D mask, position ids and targets.
+    The model runs with dropout off (its train/eval mode is restored afterwards). `target_values(hidden)` gives
+    the per-row targets [N] from the final hidden states [B, T, H] (what the output layer takes); without it the
+    target is `last_max_logit` at `targets` (rows, positions), default each row's last attended position. A
+    packed batch (packing.py) passes its 4-D mask and position ids.
     """
     was_training = model.training
     model.eval()
@@ -45,24 +115,27 @@ def gradient_saliency(model: torch.nn.Module, input_ids: torch.Tensor, attention
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             hidden = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-            if targets is None:
-                targets = torch.arange(input_ids.shape[0], device=input_ids.device), last_positions(attention_mask)
-            # Only the target positions' logits are needed: [N, V] instead of [B, T, V].
-            target = model.get_output_embeddings()(hidden[targets]).float().max(dim=-1).values.sum()
-            (grad,) = torch.autograd.grad(target, embeds)
+            if target_values is None:
+                if targets is None:
+                    targets = torch.arange(input_ids.shape[0], device=input_ids.device), last_positions(attention_mask)
+                # Only the target positions' logits are needed: [N, V] instead of [B, T, V].
+                values = last_max_logit(model.get_output_embeddings()(hidden[targets]), None)
+            else:
+                values = target_values(hidden)
+            (grad,) = torch.autograd.grad(values.sum(), embeds)
     finally:
         model.train(was_training)
-    return grad.float().abs().sum(dim=-1).detach()
+    return ATTRIBUTIONS[attribution](grad, embeds.detach()).detach()
 
 
-def saliency_from_forward(embeds: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """The raw importance of `gradient_saliency`, taken from a forward the loss runs anyway: `target_logits` [N, V]
-    are the target positions' logits of that forward, computed from `embeds`, the input embeddings, inside the
+def saliency_from_forward(embeds: torch.Tensor, target_values: torch.Tensor,
+                          attribution: str = "grad_l1") -> torch.Tensor:
+    """The raw importance of `gradient_saliency`, taken from a forward the loss runs anyway: `target_values` [N]
+    are the per-row targets (`TARGETS`) of that forward, computed from `embeds`, the input embeddings, inside the
     graph. No second forward; the graph is kept for the loss's backward. Equal to `gradient_saliency` when nothing
     random (dropout) ran in that forward."""
-    target = target_logits.float().max(dim=-1).values.sum()
-    (grad,) = torch.autograd.grad(target, embeds, retain_graph=True)
-    return grad.float().abs().sum(dim=-1).detach()
+    (grad,) = torch.autograd.grad(target_values.sum(), embeds, retain_graph=True)
+    return ATTRIBUTIONS[attribution](grad, embeds.detach()).detach()
 
 
 def dropout_active(model: torch.nn.Module) -> bool:
@@ -86,14 +159,24 @@ def gaussian_prior(span_mask: torch.Tensor, sigma_div: float) -> torch.Tensor:
 
 
 def mix_weights(raw: torch.Tensor, span_mask: torch.Tensor, *, lam: float, sigma_div: float,
-                prior: str = "gaussian", normalize: str = "sum") -> Importance:
+                prior: str = "gaussian", normalize: str = "sum", exclude_last: bool = False) -> Importance:
     """Weights from raw importance [B, T]: normalise over the span, mix with the prior, mean 1 per span.
 
     W = lam * I_norm + (1 - lam) * P, renormalised to sum 1, times n (span length) so the weights average 1
     over the span and beta keeps its DPO meaning. `prior="none"` uses I_norm alone (lam = 1).
     `normalize="softmax"` uses softmax(I) over the span instead of I / sum(I) (the paper's ablation).
     Fallbacks: a row whose saliency sums to 0 uses the prior alone; a row with <= 1 span token gets 1.
+
+    `exclude_last`: the span's last token (a response's last token) weighs exactly 1 and is left out of
+    everything else: the other n - 1 span tokens are normalised, mixed (their prior spans those n - 1 tokens)
+    and scaled to mean 1 among themselves, so the whole span still sums to n. A row whose span has <= 2 tokens
+    then gets all 1 (counted as a fallback).
     """
+    if exclude_last:
+        last = last_token(span_mask)
+        rest = mix_weights(raw, span_mask.bool() & ~last, lam=lam, sigma_div=sigma_div, prior=prior,
+                           normalize=normalize)
+        return Importance((rest.weights + last.float()).detach(), rest.fallbacks)
     span = span_mask.bool()
     raw = raw.float() * span
     n = span.sum(dim=1, keepdim=True)
@@ -125,10 +208,11 @@ def mix_weights(raw: torch.Tensor, span_mask: torch.Tensor, *, lam: float, sigma
 
 def importance_pass(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     span_mask: torch.Tensor, *, mode: str = "gradient", lam: float = 0.7, sigma_div: float = 4.0,
-                    prior: str = "gaussian", normalize: str = "sum",
+                    prior: str = "gaussian", normalize: str = "sum", exclude_last: bool = False,
                     generator: torch.Generator | None = None) -> Importance:
     """Weights for every row of a batch. mode: `gradient` (saliency), `uniform` (all 1: plain DPO's
-    weighting), `random` (uniform random raw importance, then the same normalising and mixing)."""
+    weighting), `random` (uniform random raw importance, then the same normalising and mixing). The gradient
+    here is `gradient_saliency`'s default: `grad_l1` of `last_max_logit`."""
     if mode == "uniform":
         return Importance(span_mask.float(), 0)
     if mode == "gradient":
@@ -137,7 +221,8 @@ def importance_pass(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         raw = torch.rand(input_ids.shape, generator=generator, device="cpu").to(input_ids.device)
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mix_weights(raw, span_mask, lam=lam, sigma_div=sigma_div, prior=prior, normalize=normalize)
+    return mix_weights(raw, span_mask, lam=lam, sigma_div=sigma_div, prior=prior, normalize=normalize,
+                       exclude_last=exclude_last)
 
 
 def token_importance(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -155,3 +240,13 @@ def weight_stats(weights: torch.Tensor, span_mask: torch.Tensor) -> dict[str, fl
     p = (weights / n) * span
     entropy = -(p * p.clamp(min=1e-30).log()).sum(dim=1)
     return {"importance/entropy": float(entropy.sum()), "importance/max": float(weights.max(dim=1).values.sum())}
+
+
+def weight_shares(weights: torch.Tensor, span_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's share of its weight on `positions` [B, T] bool: sum of W over the span positions that are
+    in `positions` / sum of W over the span (0 for a row whose span weighs nothing)."""
+    span = span_mask.bool()
+    w = weights.float() * span
+    total = w.sum(dim=1)
+    on = (w * positions.bool()).sum(dim=1)
+    return torch.where(total > 0, on / total.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(total))

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from .anchors import anchor_batch, attached_anchors, uses_anchors, with_anchors
 from .distributed import extra_backward
-from .importance import (dropout_active, gradient_saliency, importance_pass, mix_weights,
-                         saliency_from_forward, weight_stats)
+from .importance import (TARGETS, dropout_active, gradient_saliency, importance_pass, last_token, mix_weights,
+                         saliency_from_forward, weight_shares, weight_stats)
 from .loss_specs import needs_nll, needs_reference, spec_of
 from .losses import (IGNORE_INDEX, PairScores, kto_losses, left_align, mean_nll, response_mask, sft_loss, token_kl,
                      token_logps, triplet_terms)
@@ -76,15 +76,46 @@ def unpacked(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return layout_of(batch).unpack(values)
 
 
-def saliency_targets(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> torch.Tensor:
-    """[N, V]: the logits at the last token of the unpacked rows `rows`, the saliency target
-    (importance.gradient_saliency), computed anew from the final hidden states of a forward.
+def saliency_targets(model, hidden: torch.Tensor, batch: Batch, rows: slice, target: str = "last_max_logit",
+                     sides: torch.Tensor | None = None) -> torch.Tensor:
+    """[N]: the saliency target `importance.TARGETS[target]` of each of the unpacked rows `rows`, computed anew
+    from the final hidden states `hidden` [rows, positions, H] of a forward of `batch` (what its output layer was
+    given). `sides` [N]: +1 on a chosen row, -1 on a rejected row; by default the first half of `rows` is chosen
+    and the second half rejected, as collated.
 
     Not read off that forward's logits: a DeepSpeed engine hooks its forward's outputs, and any gradient through
-    them (this one too) would start its training backward (gradient scaling, reduction). The output layer on these
-    positions alone is what the separate pass computes as well."""
+    them (this one too) would start its training backward (gradient scaling, reduction). The output layer on the
+    positions a target reads, alone, is what the separate pass computes as well."""
+    spec = TARGETS[target]
+    values = TARGET_INPUTS[spec.reads](model, hidden, batch, rows)
+    if sides is None:
+        n = values.shape[0]
+        sides = torch.cat([torch.ones(n // 2), -torch.ones(n - n // 2)]).to(values.device)
+    return spec.value(values, sides)
+
+
+def last_logits(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> torch.Tensor:
+    """[N, V]: the logits at the last token of the unpacked rows `rows`, from the final hidden states `hidden`."""
     where = tuple(index[rows] for index in layout_of(batch).last_positions())
     return model.get_output_embeddings()(hidden[where])
+
+
+def response_label_logps(model, hidden: torch.Tensor, batch: Batch, rows: slice) -> torch.Tensor:
+    """[N, T]: log p(y_t | x, y_<t) at the response tokens (labels) of the unpacked rows `rows`, 0 elsewhere, from
+    the final hidden states `hidden`: the output layer and a log-softmax (fp32 for half-precision logits) at the
+    positions that predict a response token only (position t - 1 predicts token t; in a packed batch the prompt's
+    last position predicts both responses' first tokens)."""
+    states = layout_of(batch).unpack(hidden)[rows]  # [N, T, H]
+    labels = batch["labels"][rows]
+    row, t = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(states[row, t])  # [K, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    picked = logits.log_softmax(dim=-1).gather(-1, labels[row, t + 1].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).index_put((row, t + 1), picked)
+
+
+TARGET_INPUTS = {"last_logits": last_logits, "label_logps": response_label_logps}  # what a Target reads
 
 
 def chosen_rows(batch: Batch) -> Batch:
@@ -213,31 +244,53 @@ def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: sli
                   metrics: MetricSums):
     """(weights [2B, rows' width] or None, the loss's forward when the fused pass ran it, else None): TI-DPO's
     token weights (loss.importance), for any pairwise loss; the batch's precomputed ones (TIS-DPO) where it has
-    them; None with `loss.importance.mode=none`."""
+    them; None with `loss.importance.mode=none`. The saliency differentiates `loss.importance.target` and turns
+    gradients into raw importance with `loss.importance.attribution` (importance.TARGETS, ATTRIBUTIONS)."""
     if "token_weights" in batch:
         return torch.nn.functional.pad(batch["token_weights"], (0, rows["input_ids"].shape[1] - width)), None
     if imp.mode == "none":
         return None, None
-    span = response_mask(batch["labels"]) if imp.span == "response" else batch["attention_mask"]
+    response = response_mask(batch["labels"])
+    span = response if imp.span == "response" else batch["attention_mask"]
     forwarded = None
-    mixing = dict(lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior, normalize=imp.normalize)
+    mixing = dict(lam=imp.lam, sigma_div=imp.sigma_div, prior=imp.prior, normalize=imp.normalize,
+                  exclude_last=imp.exclude_last)
     if fused_pass(policy, imp):
         # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
         # evaluation, whose forwards keep no graph.
         forwarded = forward_from_embeddings(policy, rows)
         with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
-            raw = saliency_from_forward(forwarded[3], saliency_targets(policy, forwarded[4], rows, pairs))
+            targets = saliency_targets(policy, forwarded[4], rows, pairs, imp.target)
+            raw = saliency_from_forward(forwarded[3], targets, imp.attribution)
         result = mix_weights(unpacked(raw, rows)[pairs, :width], span, **mixing)
     elif imp.mode == "gradient":  # the paper's separate pass: its own forward and backward
         layout = layout_of(batch)
-        raw = gradient_saliency(policy, layout.ids(), **layout.model_kwargs(policy), targets=layout.last_positions())
+        raw = gradient_saliency(policy, layout.ids(), **layout.model_kwargs(policy), attribution=imp.attribution,
+                                target_values=lambda hidden: saliency_targets(policy, hidden, batch, slice(None),
+                                                                              imp.target))
         result = mix_weights(layout.unpack(raw), span, **mixing)
     else:
         result = importance_pass(policy, batch["input_ids"], batch["attention_mask"], span, mode=imp.mode,
                                  generator=torch.Generator().manual_seed(seed), **mixing)
-    metrics.add(weight_stats(result.weights, span), count=2 * (pairs.stop // 2))
+    add_weight_metrics(metrics, result.weights, span, response, batch)
     metrics.add_total("importance/fallbacks", result.fallbacks)
     return torch.nn.functional.pad(result.weights, (0, rows["input_ids"].shape[1] - width)), forwarded
+
+
+def add_weight_metrics(metrics: MetricSums, weights: torch.Tensor, span: torch.Tensor, response: torch.Tensor,
+                       batch: Batch) -> None:
+    """`importance/entropy` and `importance/max` (importance.weight_stats), `importance/last_share` (each response's
+    share of its weight on its last token, importance.weight_shares) averaged over the responses, and
+    `importance/critical_share` (the share on the tokens the data marks critical, data.collate's `critical_mask`)
+    averaged over the responses that are marked: logged with count 0, so left out of the means, where none is
+    (every process then logs the same names)."""
+    n = weights.shape[0]
+    metrics.add(weight_stats(weights, span), count=n)
+    metrics.add({"importance/last_share": float(weight_shares(weights, span, last_token(response)).sum())}, count=n)
+    critical = batch.get("critical_mask", torch.zeros_like(span, dtype=torch.bool))
+    marked = batch.get("critical_rows", torch.zeros(n, dtype=torch.bool, device=span.device))
+    shares = weight_shares(weights, span, critical)[marked]
+    metrics.add({"importance/critical_share": float(shares.sum())}, count=int(marked.sum()))
 
 
 def chosen_nll(logits, logps, mask, rows: Batch, half: int, with_prompt: bool) -> torch.Tensor:

@@ -30,6 +30,8 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
                                  (TPO); a pair without one has its chosen response there
     token_weights  [2B, T] float the pairs' precomputed response token weights where they have them (TIS-DPO),
                                  aligned with labels, 0 elsewhere
+    critical_mask  [2B, T] bool  True at the critical tokens of the responses (TokenizedPair.critical), and
+    critical_rows  [2B]    bool  which responses the data marks: both only when a pair of the batch marks any
     and with `share_prompt` the packed layout of packing.pack_pairs (`packed_*`: one row per pair).
     """
     _check(pairs, pad_id)
@@ -58,6 +60,14 @@ def collate(pairs: list[TokenizedPair], pad_id: int, *, share_prompt: bool = Fal
                 raise ValueError(f"{len(side)} token weights for a response of {len(response)} tokens")
             weights[row, len(prompt):len(prompt) + len(response)] = torch.tensor(side, dtype=torch.float32)
         batch["token_weights"] = weights
+    marks = [p.critical[0] for p in pairs] + [p.critical[1] for p in pairs]
+    if any(m is not None for m in marks):
+        critical, marked = torch.zeros((rows, width), dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)
+        for row, ((prompt, response), positions) in enumerate(zip(sequences, marks)):
+            if positions is not None:
+                marked[row] = True
+                critical[row, [len(prompt) + i for i in positions if i < len(response)]] = True
+        batch["critical_mask"], batch["critical_rows"] = critical, marked
     if any(p.gold_ids is not None for p in pairs):
         gold = collate_unpaired([TokenizedExample(p.prompt_ids, p.gold_ids if p.gold_ids is not None else p.chosen_ids,
                                                   True, p.where, p.truncated) for p in pairs], pad_id)

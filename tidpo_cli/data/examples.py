@@ -22,6 +22,10 @@ class PreferenceExample:
     # The end of the rendered prompt that is left out because the chat template renders the prompt alone
     # differently from the start of the conversation (data.template_mismatch=common_prefix); "" when none.
     prompt_cut: str = ""
+    # The characters that decide the pair (the rows' `chosen_critical` / `rejected_critical` columns), as
+    # [start, end) spans into `chosen` / `rejected`; None where the row marks none.
+    chosen_critical: tuple[tuple[int, int], ...] | None = None
+    rejected_critical: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class TokenizedPair:
     gold_ids: list[int] | None = None  # the gold response (TPO), EOS appended as for the others
     # Precomputed per-token weights of the responses (TIS-DPO: tis.py), one per response token, or None.
     token_weights: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # The critical tokens of each response (indices into chosen_ids / rejected_ids: those whose characters overlap
+    # a critical span of the example), or None for a response the data does not mark.
+    critical: tuple[tuple[int, ...] | None, tuple[int, ...] | None] = (None, None)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,13 @@
   `prompt` (a message list, or a string meaning one user message); rendered with the chat template
   (chat.py).
 
+Any pair format may mark the characters that decide the pair: optional `chosen_critical` / `rejected_critical`
+columns, each a list of [start, end) character spans into that response's text: the `chosen` / `rejected`
+string as written (for hh_rlhf the whole dialogue, for conversational rows the content of the reply, which must
+then be one message). They become spans into the response tidpo trains on (`PreferenceExample.chosen_critical`),
+for the `importance/critical_share` metric; a span that is not [start, end] with 0 <= start < end <= the text's
+length, or lies in the prompt, makes the row bad.
+
 A row that cannot be used raises `BadRow` with a short reason naming the key; a problem that makes the
 whole run impossible (no chat template) raises `DataError`.
 """
@@ -84,12 +91,68 @@ def to_example(row: dict, fmt: str, tokenizer: Any, where: str,
     elif fmt == "prompt_chosen_rejected":
         prompt, chosen, rejected = _prompt_chosen_rejected(row)
     else:
-        rendered = _conversational(row, tokenizer, chat)
+        rendered, replies = _conversational(row, tokenizer, chat)
         _check_texts(rendered.prompt, rendered.chosen, rendered.rejected)
         return PreferenceExample(prompt=rendered.prompt, chosen=rendered.chosen, rejected=rendered.rejected,
-                                 where=where, prompt_cut=rendered.prompt_cut)
+                                 where=where, prompt_cut=rendered.prompt_cut,
+                                 chosen_critical=_reply_critical(row, "chosen", replies[0], rendered.chosen),
+                                 rejected_critical=_reply_critical(row, "rejected", replies[1], rendered.rejected))
     return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, where=where,
-                             gold=_gold(row, prompt) if fmt == "prompt_chosen_rejected" else None)
+                             gold=_gold(row, prompt) if fmt == "prompt_chosen_rejected" else None,
+                             chosen_critical=_text_critical(row, "chosen", chosen),
+                             rejected_critical=_text_critical(row, "rejected", rejected))
+
+
+def _spans(row: dict, key: str, length: int) -> tuple[tuple[int, int], ...] | None:
+    """`row[key]` as [start, end) character spans into a text of `length` characters; None when absent or null."""
+    value = row.get(key)
+    if value is None:
+        return None
+    value = value.tolist() if hasattr(value, "tolist") else value  # parquet / datasets arrays
+    if not isinstance(value, (list, tuple)):
+        raise BadRow(f"{key!r} is {json_kind(value)}, expected a list of [start, end] character spans")
+    spans = []
+    for span in value:
+        span = span.tolist() if hasattr(span, "tolist") else span
+        if not (isinstance(span, (list, tuple)) and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            raise BadRow(f"{key!r} holds a span that is not [start, end] with whole numbers")
+        if not 0 <= span[0] < span[1] <= length:
+            raise BadRow(f"{key!r} holds a span outside its text (0 <= start < end <= the text's length)")
+        spans.append((span[0], span[1]))
+    return tuple(spans)
+
+
+def _text_critical(row: dict, side: str, response: str) -> tuple[tuple[int, int], ...] | None:
+    """The `{side}_critical` spans of a text row (into the `side` string as written) as spans into `response`, the
+    end of that string that follows the prompt."""
+    key = f"{side}_critical"
+    column = row[side]
+    spans = _spans(row, key, len(column))
+    if spans is None:
+        return None
+    shift = len(column) - len(response)
+    if any(start < shift for start, _ in spans):
+        raise BadRow(f"{key!r} marks characters of the prompt, not of the {side} response")
+    return tuple((start - shift, end - shift) for start, end in spans)
+
+
+def _reply_critical(row: dict, side: str, reply: list[Message], response: str) -> tuple[tuple[int, int], ...] | None:
+    """The `{side}_critical` spans of a conversational row (into the reply message's content) as spans into
+    `response`, the reply as the chat template renders it, which must hold that content exactly once."""
+    key = f"{side}_critical"
+    if row.get(key) is None:
+        return None
+    if len(reply) != 1:
+        raise BadRow(f"{key!r} needs a {side} reply of one message")
+    content = reply[0]["content"]
+    spans = _spans(row, key, len(content))
+    if not spans:
+        return spans
+    at = response.find(content)
+    if at < 0 or response.find(content, at + 1) >= 0:
+        raise BadRow(f"{key!r}: the {side} reply's content is not found exactly once in its chat-template rendering")
+    return tuple((start + at, end + at) for start, end in spans)
 
 
 def _gold(row: dict, prompt: str) -> str | None:
@@ -239,8 +302,10 @@ def _split_last_turn(messages: list[Message], key: str) -> tuple[list[Message], 
     return messages[:-1], messages[-1:]
 
 
-def _conversational(row: dict, tokenizer: Any, chat: ChatOptions) -> RenderedPair:
-    """The prompt messages and each reply, checked, then rendered with the chat template (chat.py)."""
+def _conversational(row: dict, tokenizer: Any,
+                    chat: ChatOptions) -> tuple[RenderedPair, tuple[list[Message], list[Message]]]:
+    """The prompt messages and each reply, checked, then rendered with the chat template (chat.py); and the two
+    replies' messages."""
     if "chosen" not in row:
         raise BadRow("missing key 'chosen'")
     if "rejected" not in row:
@@ -263,4 +328,4 @@ def _conversational(row: dict, tokenizer: Any, chat: ChatOptions) -> RenderedPai
             raise BadRow(f"empty {key!r} reply")
     if chosen_reply == rejected_reply:
         raise BadRow("'chosen' and 'rejected' responses are identical")
-    return render_pair(tokenizer, prompt, chosen_reply, rejected_reply, chat)
+    return render_pair(tokenizer, prompt, chosen_reply, rejected_reply, chat), (chosen_reply, rejected_reply)

@@ -79,7 +79,7 @@ def flip_labels(pairs: list[TokenizedPair], fraction: float, seed: int) -> list[
 def _flipped(p: TokenizedPair | TokenizedExample) -> TokenizedPair | TokenizedExample:
     if isinstance(p, TokenizedExample):  # unpaired: the label is what flips
         return replace(p, desirable=not p.desirable)
-    return replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids)
+    return replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids, critical=p.critical[::-1])
 
 
 def _with_eval(splits: Splits, cfg: DictConfig, tokenizer, options: dict) -> Splits:

@@ -17,17 +17,24 @@ LETTERS = string.ascii_lowercase
 
 
 def make_pair(rng: random.Random, min_items: int, max_items: int, max_changed: int) -> dict:
-    """One conversational preference row: {"prompt": [user], "chosen": [assistant], "rejected": [assistant]}."""
+    """One conversational preference row: {"prompt": [user], "chosen": [assistant], "rejected": [assistant],
+    "chosen_critical": spans, "rejected_critical": spans}. The spans mark the critical tokens: the letters at the
+    positions where the two replies differ, as [start, end) character spans into each reply's content (the same
+    in both, letter i of a reply being its character 2 i)."""
     n = rng.randint(min_items, max_items)
     items = rng.sample(LETTERS, n)
     outsiders = [c for c in LETTERS if c not in items]
     corrupted = list(items)
-    for position in rng.sample(range(n), rng.randint(1, max_changed)):
+    changed = rng.sample(range(n), rng.randint(1, max_changed))
+    for position in changed:
         corrupted[position] = rng.choice(outsiders)
+    spans = [[2 * position, 2 * position + 1] for position in sorted(changed)]
     return {
         "prompt": [{"role": "user", "content": "Copy: " + " ".join(items)}],
         "chosen": [{"role": "assistant", "content": " ".join(items)}],
         "rejected": [{"role": "assistant", "content": " ".join(corrupted)}],
+        "chosen_critical": spans,
+        "rejected_critical": [list(span) for span in spans],
     }
 
 
