@@ -80,9 +80,14 @@ def test_a_reference_with_another_tokenizer_stops_before_training(tmp_path, othe
     line = result.stderr.strip().splitlines()[-1]
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert f"model.reference={foreign}: its tokenizer is not the policy's" in line and "'<extra>'" in line
-    missing = run_tidpo(["train", *QUICK, "loss=dpo", f"model.reference={tmp_path / 'nowhere'}",
-                         f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path)
-    assert missing.returncode == 2 and "check model.reference" in missing.stderr, missing.stderr[-2000:]
+    from tidpo_cli.errors import UserError
+    from tidpo_cli.modeling import check_reference_tokenizer, load_reference
+
+    missing = compose_config([f"model.reference={tmp_path / 'nowhere'}"]).model
+    check_reference_tokenizer(missing, tokenizer)  # no tokenizer there: the load says what is wrong
+    with pytest.raises(UserError, match=f"reference model path '{tmp_path / 'nowhere'}' does not exist: check "
+                                        "model.reference"):
+        load_reference(missing, tokenizer)
 
 
 def test_zero3_with_another_reference_and_the_cache_matches_one_process(tmp_path, other):
