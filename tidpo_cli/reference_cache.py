@@ -38,7 +38,7 @@ import xxhash
 
 from .data.collate import collate
 from .data.examples import TokenizedExample
-from .disk import writing
+from .outputs import write_files
 from .distributed import Dist
 from .errors import UserError
 from .objective import forward
@@ -49,6 +49,7 @@ FORMAT = 1  # bump when what is stored, or how a sequence is hashed, changes
 INDEX = np.dtype([("high", "<u8"), ("low", "<u8"), ("offset", "<i8"), ("length", "<i4")])  # key = high:low
 
 Batch = dict[str, torch.Tensor]
+WRITER = ("the reference cache", "tidpo train", "trainer.reference_cache")  # outputs.write_files: what, prog, flag
 
 
 def cache_dir(setting: str, run_dir: Path) -> Path | None:
@@ -124,11 +125,8 @@ class ReferenceCache:
     def __init__(self, root: Path, key: dict) -> None:
         text = json.dumps(key, sort_keys=True, indent=1)
         self.folder = Path(root) / xxhash.xxh3_128(text.encode()).hexdigest()
-        with writing("the reference cache", self.folder, "trainer.reference_cache"):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            key_file = self.folder / "key.json"
-            if not key_file.exists():
-                _write_atomically(key_file, text.encode())
+        if not (self.folder / "key.json").exists():  # written to a temporary name, then renamed (the folder made)
+            write_files(self.folder, {"key.json": lambda path: path.write_text(text)}, *WRITER)
         if json.loads((self.folder / "key.json").read_text()) != json.loads(text):
             raise UserError(f"the reference cache folder {self.folder} holds another key.json than its name says: "
                             "it was changed by hand or copied; remove the folder (it is refilled)")
@@ -188,9 +186,9 @@ class ReferenceCache:
         index["low"] = [k & (1 << 64) - 1 for k, _ in entries]
         index["length"] = lengths
         index["offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        with writing("the reference cache", self.folder, "trainer.reference_cache"):
-            _save_atomically(self.folder / f"{name}.values.npy", values)
-            _save_atomically(self.folder / f"{name}.index.npy", index)  # last: the shard now exists
+        write_files(self.folder, {f"{name}.values.npy": lambda path: np.save(path, values),
+                                  f"{name}.index.npy": lambda path: np.save(path, index)},  # renamed last
+                    *WRITER)
 
     @contextmanager
     def locked(self, dist: Dist) -> Iterator[None]:
@@ -208,30 +206,6 @@ class ReferenceCache:
                     fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def fill(cache: ReferenceCache, reference, examples: Iterable, *, batch_size: int, pad_id: int,
          share_prompt: bool, device: torch.device, autocast, dist: Dist) -> tuple[int, int]:
@@ -242,8 +216,9 @@ def fill(cache: ReferenceCache, reference, examples: Iterable, *, batch_size: in
     examples = list(examples)
     with cache.locked(dist):
         cache.reload()  # what other jobs wrote while this one waited for the lock
-        missing = [e for e in examples if any(sequence_key(*s) not in cache for s in example_sequences(e))]
-        found = sum(len(example_sequences(e)) for e in examples) - sum(len(example_sequences(e)) for e in missing)
+        keys = [[sequence_key(*s) for s in example_sequences(e)] for e in examples]
+        missing = [e for e, ks in zip(examples, keys) if any(k not in cache for k in ks)]
+        found = sum(len(ks) for ks in keys if all(k in cache for k in ks))
         if dist.max(len(missing)) == 0:
             return found, 0
         mine = missing[dist.rank::dist.world]

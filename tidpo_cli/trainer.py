@@ -200,7 +200,8 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
     autocast = nullcontext if cfg.deepspeed.enabled else bf16  # DeepSpeed casts to bf16 itself
 
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.model.reference is not None and needs_reference(cfg.loss):
+    other_reference = cfg.model.reference is not None and needs_reference(cfg.loss)  # model.reference, and read
+    if other_reference:
         check_reference_tokenizer(cfg.model, tokenizer)  # before the data is read and any weights load
     template = chat_options(cfg.data).template
     if template is not None:  # data.chat_template: what the data is rendered with, and what final/ is saved with
@@ -229,7 +230,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
         # this run used, and a LoRA adapter has its base.
         save_hf_model(policy, tokenizer, run_dir / "reference")
     other = None
-    if cfg.model.reference is not None and needs_reference(cfg.loss):
+    if other_reference:
         other = load_reference(cfg.model, tokenizer).to(device)
         log.info("reference: %s (model.reference)", cfg.model.reference)
     elif cfg.model.reference is not None:

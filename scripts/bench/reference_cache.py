@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # tidpo_cli from this checkout when not installed
 
+import torch  # noqa: E402
+
 from tidpo_cli.data.synthetic import synthetic_rows  # noqa: E402
 
 BETAS, SEEDS = "0.05,0.1,0.2", "1,2"
@@ -101,14 +103,11 @@ def main() -> None:
                 "vs auto, from one SFT start",
         "command": "python scripts/bench/reference_cache.py" + (f" (BENCH_STEPS={steps})" if steps != 200 else ""),
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-                                                      f"{os.cpu_count()} cores", "torch_threads": None,
+                                                      f"{os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
         "steps_per_job": steps, "pairs": {"train": 4096, "held_out": 256}, "sft_warmup_s": round(warmup_s, 2),
         "sweeps": sweeps, "auto_vs_off_wall": round(auto["wall_s"] / off["wall_s"], 3),
         "agreement": agree,
     }
-    import torch
-
-    report["torch_threads"] = torch.get_num_threads()
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"sweep wall time: off {off['wall_s']:.1f} s, auto {auto['wall_s']:.1f} s "
           f"({report['auto_vs_off_wall']:.2f}x); per-step losses over steps 1-20 agree to "
