@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tidpo-installed
 
-.PHONY: demo test install clean bench bench-scaling bench-distributed bench-reference-cache experiment
+.PHONY: demo test install clean bench bench-scaling bench-distributed bench-reference-cache experiment experiment-weights
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ bench-reference-cache: $(STAMP)
 # interruption). Writes runs/noise_robustness/ and docs/results/noise_robustness.*
 experiment: $(STAMP)
 	$(BIN)/python scripts/experiments/noise_robustness/run.py --out runs/noise_robustness --report docs/results
+
+# Where TI-DPO's token weights go, per saliency target, attribution and exclude_last (docs/results/token_weights.md):
+# 78 runs from the label-noise study's warm-up (trained first if missing), about 30 minutes on 2 cores; run it again
+# after an interruption. Writes runs/token_weights/ and docs/results/token_weights.*
+experiment-weights: $(STAMP)
+	$(BIN)/python scripts/experiments/token_weights/run.py --out runs/token_weights \
+		--warmup-dir runs/noise_robustness/warmup --report docs/results
 
 # The paper's Table 1 losses and TI-DPO's ablations at demo scale (docs/results/baselines.md): about 33 minutes on
 # 2 CPU cores (measured there: warm-up about 2, sweep and scoring about 18, cost pass about 13), resumable (run it

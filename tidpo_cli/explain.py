@@ -90,17 +90,17 @@ def importance_table(model: torch.nn.Module, tokenizer: Any, example: Preference
         if side == "rejected" and not has_rejected:
             sides[side] = None
             continue
-        sides[side] = {"text": texts[side], **_side_table(model, tokenizer, pair.prompt_ids, response_ids, critical,
-                                                          sign, **settings)}
+        sides[side] = {"text": texts[side], **response_table(model, tokenizer, pair.prompt_ids, response_ids,
+                                                             critical, sign, **settings)}
     return {"where": example.where, "prompt": example.prompt, "prompt_tokens": len(pair.prompt_ids),
             "truncated": pair.truncated, **settings, **sides}
 
 
-def _side_table(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], response_ids: list[int],
-                critical: tuple[int, ...] | None, sign: float, *, lam: float, sigma_div: float, target: str,
-                attribution: str, exclude_last: bool) -> dict:
-    """The numbers for one response: one unpadded row, so nothing depends on batching. `sign`: the row's side
-    (+1 chosen, -1 rejected), read by the `margin` target only."""
+def response_table(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], response_ids: list[int],
+                   critical: tuple[int, ...] | None, sign: float, *, lam: float, sigma_div: float, target: str,
+                   attribution: str, exclude_last: bool) -> dict:
+    """The numbers for one response (the keys `importance_table` lists per side): one unpadded row, so nothing
+    depends on batching. `sign`: the row's side (+1 chosen, -1 rejected), read by the `margin` target only."""
     from .losses import IGNORE_INDEX
     from .objective import saliency_targets
 
