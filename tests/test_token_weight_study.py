@@ -48,35 +48,41 @@ def test_a_run_directory_names_its_point():
     assert point(Path("loss=dpo,data.flip_labels=0.0,seed=1"))["method"] == "dpo (uniform weights)"
 
 
-def test_a_tiny_sweep_runs_end_to_end_and_a_rerun_resumes(tmp_path):
-    args = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "study"), "--targets", "sequence_logp,margin",
+def test_a_tiny_sweep_runs_end_to_end_and_scoring_again_reads_its_caches(tmp_path):
+    """One invocation (warm-up, both multiruns, scoring, report); then the scoring again, in process, from the files
+    the first left (that `tidpo train` skips finished runs is the noise study's test: a rerun costs a process start
+    per multirun)."""
+    out = tmp_path / "study"
+    args = [sys.executable, str(SCRIPT), "--out", str(out), "--targets", "sequence_logp,margin",
             "--attributions", "grad_x_input", "--exclude-last", "true", "--noise", "0.5", "--seeds", "0",
             "--steps", "3", "--warmup-steps", "4", "--eval-size", "16"]
     first = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    payload = json.loads((tmp_path / "study" / "token_weights.json").read_text())
+    payload = json.loads((out / "token_weights.json").read_text())
     assert list(payload["summary"]) == ["sequence_logp · grad_x_input · exclude_last",
                                         "margin · grad_x_input · exclude_last", "dpo (uniform weights)"]
     runs = {r["target"]: r for r in payload["runs"]}
     for run in runs.values():
         assert 0 <= run["accuracy"] <= 1 and 0 <= run["critical"] <= 1
         assert 0 < run["critical_share_start"] < 1 and 0 < run["last_share_end"] < 1
+    for run in (runs["margin"], runs["sequence_logp"]):
+        assert 0 < run["raw_critical_start"] < 1 and 0 < run["raw_before_end"] < 1
     # the flipped runs trained on swapped labels: their logs say so
-    log = (tmp_path / "study" / "sweep" /
-           "target=margin,attribution=grad_x_input,exclude_last=True,data.flip_labels=0.5,seed=0" / "train.log")
-    assert "with chosen and rejected swapped" in log.read_text()
+    log = out / "sweep" / "target=margin,attribution=grad_x_input,exclude_last=True,data.flip_labels=0.5,seed=0"
+    assert "with chosen and rejected swapped" in (log / "train.log").read_text()
     # exclude_last: the last token weighs exactly 1 of n, so its share is the uniform one
-    uniform = payload["references"]["uniform weights"]["last_share"]["mean"]
-    assert runs["margin"]["last_share_start"] == pytest.approx(uniform, rel=1e-5)
-    assert runs[None]["critical_share_end"] == payload["references"]["uniform weights"]["critical_share"]["mean"]
+    uniform = payload["references"]["uniform weights"]
+    assert runs["margin"]["last_share_start"] == pytest.approx(uniform["last_share"]["mean"], rel=1e-5)
+    assert runs[None]["critical_share_end"] == uniform["critical_share"]["mean"]  # DPO's weights are uniform
     # with an absolute attribution the margin's weights are sequence_logp's: the two runs are the same
     assert payload["identical_targets"] == {"pairs": 1, "max_abs_difference": 0.0}
     assert payload["summary"] == study().summarize(payload["runs"])  # the summary is that of its own runs
-    assert (tmp_path / "study" / "token_weights.png").stat().st_size > 0
-    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (again.stdout + again.stderr).count("already finished") == 4  # the warm-up and the 3 runs
-    assert json.loads((tmp_path / "study" / "token_weights.json").read_text())["runs"] == payload["runs"]
+    assert (out / "token_weights.png").stat().st_size > 0
+    caches = sorted(out.rglob("*.json"))
+    stamps = [path.stat().st_mtime_ns for path in caches]
+    records, references, warmup = study().score(out, out / "warmup" / "final", jobs=1)
+    assert records == payload["runs"] and references == payload["reference_runs"] and warmup == payload["warmup"]
+    assert [path.stat().st_mtime_ns for path in sorted(out.rglob("*.json"))] == stamps  # nothing recomputed
 
 
 def test_the_published_report_shows_its_own_data():
