@@ -227,6 +227,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def package_versions() -> dict[str, str]:
+    """The installed versions a rerun's figures depend on (greedy generation among them): the report records them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "tokenizers", "deepspeed"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def shown(path: Path | None) -> str | None:
     """A path as the report shows it: relative to the repository when inside it."""
     if path is None:
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {**{k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "command": " ".join(["python scripts/experiments/noise_robustness/run.py",
                                      *(shown(Path(a)) if a.startswith("/") else a for a in (argv or sys.argv[1:]))]),
-                "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+                "machine": f"{cpu_model()}, {os.cpu_count()} cores", "packages": package_versions(),
                 "wall_s_this_invocation": round(time.time() - started, 1)}
     for where in filter(None, [args.out, args.report]):
         write_report(records, where, settings)

@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                 "command": " ".join(["python scripts/experiments/token_weights/run.py",
                                      *(shown(Path(a)) if a.startswith("/") else a for a in (argv or sys.argv[1:]))]),
                 "machine": f"{NOISE_STUDY.cpu_model()}, {os.cpu_count()} cores",
+                "packages": NOISE_STUDY.package_versions(),
                 "wall_s_this_invocation": round(time.time() - started, 1)}
     for where in filter(None, [args.out, args.report]):
         write_report(records, references, warmup, where, settings)
