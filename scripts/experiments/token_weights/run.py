@@ -219,7 +219,7 @@ def raw_shares(model_dir: Path, run_dir: Path) -> dict[str, float]:
                                  sigma_div=imp.sigma_div, target=imp.target, attribution=imp.attribution,
                                  exclude_last=imp.exclude_last)["raw"]
             on.append(sum(raw[i] for i in critical))
-            before.append(sum(raw[i - 1] for i in {i for i in critical if i > 0} if i - 1 not in critical))
+            before.append(sum(raw[i - 1] for i in critical if i > 0 and i - 1 not in critical))
     return {"raw_critical": statistics.fmean(on), "raw_before": statistics.fmean(before)}
 
 
@@ -254,10 +254,13 @@ def score_run(run_dir: Path, warm: Path) -> dict:
 
 def raw_tasks(run_dir: Path, warm: Path) -> dict[str, tuple[Path, Path]]:
     """{"start" | "end": (the model whose raw importance is measured, where its `raw_shares` are kept)}. Before
-    training the model is the warm-up, and the raw importance depends on the run's target, attribution and seed
-    (its held-out pairs) only, so runs that share them share one file (in the warm-up's directory)."""
-    point_ = point(run_dir)
-    start = warm.parent / "raw_shares" / f"{point_['target']},{point_['attribution']},seed={point_['seed']}.json"
+    training the model is the warm-up, and the raw importance depends on the run's target, attribution, seed and
+    data.eval_size (its held-out pairs) only, so runs that share them share one file (in the warm-up's directory)."""
+    from omegaconf import OmegaConf
+
+    at = point(run_dir)
+    eval_size = OmegaConf.load(run_dir / ".hydra" / "config.yaml").data.eval_size
+    start = warm.parent / "raw_shares" / f"{at['target']},{at['attribution']},seed={at['seed']},eval_size={eval_size}.json"
     return {"start": (warm, start), "end": (run_dir / "final", run_dir / "raw_shares_end.json")}
 
 
