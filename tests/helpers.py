@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +22,18 @@ QUICK = [
     "data.synthetic.num_train=96", "data.eval_size=16", "trainer.max_steps=3", "trainer.micro_batch_size=8",
     "trainer.eval_batch_size=16", "trainer.warmup_steps=1", "logger.progress=off", "trainer.share_prompt=true",
 ]
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (scripts/...) as the module `name`, registered in sys.modules (dataclasses look
+    their module up there); loaded once per test session."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_tidpo(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,26 +6,22 @@ No timing is tested here and nothing is trained; only the DPOConfig test needs T
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 
 
 def _load(name: str, file: str | None = None):
     """scripts/bench/<file or name>.py as the module `name` (distributed.py as bench_distributed: no shadowing)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(BENCH))  # scaling.py imports trl_vs_tidpo by name
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{file or name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # scaling.py imports trl_vs_tidpo by name
+    return load_script(BENCH / f"{file or name}.py", name)
 
 
 bench = _load("trl_vs_tidpo")

@@ -1,24 +1,20 @@
 """The label-noise study's script (scripts/experiments/noise_robustness/run.py): its scoring, its summary, a tiny
 sweep end to end with a rerun that resumes, and the published report matching its own data."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "experiments" / "noise_robustness" / "run.py"
 RESULTS = REPO / "docs" / "results"
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("noise_robustness_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "noise_robustness_run")
 
 
 def test_critical_tokens_are_the_positions_where_chosen_and_rejected_differ():

@@ -2,7 +2,6 @@
 no model by hand, reading a run's point back from its directory, a tiny sweep end to end with a rerun that resumes,
 and the published report matching its own data."""
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,17 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "experiments" / "token_weights" / "run.py"
 RESULTS = REPO / "docs" / "results"
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("token_weights_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "token_weights_run")
 
 
 def test_uniform_and_prior_shares_by_hand():

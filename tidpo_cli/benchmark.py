@@ -294,11 +294,12 @@ def hf_model_dir(kind: str, source: Path, out: Path) -> Iterator[Path]:
         yield model_dir
 
 
-def versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = ("lm_eval", "torch", "transformers", "datasets")) -> dict[str, str]:
+    """tidpo's version and each of `packages`' ("not installed" where one is not)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"tidpo": __version__}
-    for package in ("lm_eval", "torch", "transformers", "datasets"):
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -119,8 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def common(args: argparse.Namespace) -> list[str]:
-    extra = [f"trainer.max_steps={args.steps}"] if args.steps else []
-    return extra + ([f"data.eval_size={args.eval_size}"] if args.eval_size else [])
+    return NOISE.size_overrides(args.steps, args.eval_size)
 
 
 def launcher(args: argparse.Namespace, sweep_dir: Path, subdir: str) -> list[str]:
@@ -460,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     main_methods = [m for m in methods if m != "tis_dpo"]
     if "tis_dpo" in methods and "dpo" not in main_methods:
         main_methods.append("dpo")
-    warm = args.warmup.resolve() if args.warmup else NOISE.warm_up(args.out, args)
+    warm = args.warmup.resolve() if args.warmup else NOISE.warm_up(args.out / "warmup", args)
     sweep(args.out, warm, main_methods, args)
     if "tis_dpo" in methods:
         tis_dpo_sweep(args.out, warm, args)

@@ -64,42 +64,53 @@ def child_env(threads: int) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def warm_up(out: Path, args: argparse.Namespace) -> Path:
-    run_dir = out / "warmup"
-    extra = [f"trainer.max_steps={args.warmup_steps}"] if args.warmup_steps else []
-    extra += [f"data.eval_size={args.eval_size}"] if args.eval_size else []
+def size_overrides(steps: int | None, eval_size: int | None) -> list[str]:
+    """trainer.max_steps and data.eval_size where the command line gives them (else the configs' own)."""
+    return ([f"trainer.max_steps={steps}"] if steps else []) + ([f"data.eval_size={eval_size}"] if eval_size else [])
+
+
+def warm_up(run_dir: Path, args: argparse.Namespace) -> Path:
+    """The SFT warm-up in `run_dir` (trained unless finished there); its final/."""
     # one thread: two spin against each other when anything else runs
-    tidpo(["+experiment=noise_warmup", *extra, f"hydra.run.dir={run_dir}"], child_env(threads=1))
+    tidpo(["+experiment=noise_warmup", *size_overrides(args.warmup_steps, args.eval_size), f"hydra.run.dir={run_dir}"],
+          child_env(threads=1))
     return run_dir / "final"
 
 
 def sweep(out: Path, warm: Path, args: argparse.Namespace) -> None:
-    extra = [f"trainer.max_steps={args.steps}"] if args.steps else []
-    extra += [f"data.eval_size={args.eval_size}"] if args.eval_size else []
     tidpo(["-m", "+experiment=noise_robustness", f"model.name_or_path={warm.resolve()}",
-           f"loss={args.methods}", f"data.flip_labels={args.noise}", f"seed={args.seeds}", *extra,
+           f"loss={args.methods}", f"data.flip_labels={args.noise}", f"seed={args.seeds}",
+           *size_overrides(args.steps, args.eval_size),
            "hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={out / 'sweep'}",
            # a run's directory names its point, so a rerun finds it: loss=dpo,data.flip_labels=0.1,seed=2
            "hydra.sweep.subdir='loss=${hydra:runtime.choices.loss},data.flip_labels=${data.flip_labels},seed=${seed}'"],
           child_env(threads=1))
 
 
+def held_out(model_dir: Path, run_dir: Path):
+    """(the run's held-out pairs, tokenized as in training by `model_dir`'s tokenizer; that tokenizer; the run's
+    config)."""
+    from omegaconf import OmegaConf
+
+    from tidpo_cli.data.splits import load_splits
+    from tidpo_cli.modeling import load_tokenizer
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    tokenizer = load_tokenizer(OmegaConf.create({"name_or_path": str(model_dir), "tokenizer": None,
+                                                 "trust_remote_code": False}))
+    return load_splits(cfg.data, tokenizer, seed=cfg.seed, held_out_only=True).eval, tokenizer, cfg
+
+
 def critical_accuracy(model_dir: Path, run_dir: Path) -> dict[str, float]:
     """Greedy replies to the run's held-out prompts, scored on the critical tokens and as exact copies."""
     import torch
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from tidpo_cli.anchors import left_pad
-    from tidpo_cli.data.splits import load_splits
-    from tidpo_cli.modeling import load_tokenizer
 
     hf_logging.disable_progress_bar()
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    tokenizer = load_tokenizer(OmegaConf.create({"name_or_path": str(model_dir), "tokenizer": None,
-                                                 "trust_remote_code": False}))
-    pairs = load_splits(cfg.data, tokenizer, seed=cfg.seed, held_out_only=True).eval
+    pairs, tokenizer, _ = held_out(model_dir, run_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     critical = exact = 0
     for start in range(0, len(pairs), 64):
@@ -229,15 +240,9 @@ def cpu_model() -> str:
 
 def package_versions() -> dict[str, str]:
     """The installed versions a rerun's figures depend on (greedy generation among them): the report records them."""
-    from importlib.metadata import PackageNotFoundError, version
+    from tidpo_cli.benchmark import versions
 
-    found = {}
-    for name in ("torch", "transformers", "tokenizers", "deepspeed"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return versions(("torch", "transformers", "tokenizers", "deepspeed"))
 
 
 def shown(path: Path | None) -> str | None:
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
     sys.path.insert(0, str(REPO))
-    warm = warm_up(args.out, args)
+    warm = warm_up(args.out / "warmup", args)
     sweep(args.out, warm, args)
     records = score(args.out, warm)
     settings = {**{k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

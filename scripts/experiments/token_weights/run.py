@@ -12,13 +12,16 @@
    outcome and would hide what the weights do.
 3. Each finished run is scored on its clean held-out pairs: from its metrics.jsonl the weights' share on the
    critical tokens and on the last token before training (the eval at step 0) and after it (the final eval),
-   the implicit reward's preference accuracy (the final eval); and the greedy replies' critical-token accuracy
-   (the noise study's code, imported). For each seed's held-out responses, the same shares of two weightings that
-   need no model: uniform weights (DPO's) and the Gaussian prior alone.
+   the implicit reward's preference accuracy (the final eval) and the change of the chosen replies'
+   log-likelihood; the raw importance (before the prior is mixed in) on the critical tokens and on the token just
+   before each, with the warm-up and with the final model; and the greedy replies' critical-token accuracy (the
+   noise study's code, imported). For each seed's held-out responses, the same shares of two weightings that need
+   no model: uniform weights (DPO's) and the Gaussian prior alone.
 4. token_weights.json, token_weights_table.md and token_weights.png, in --out and in --report.
 
 Everything is resumable: the warm-up and each run continue from their newest checkpoint, a finished run is
-skipped by `tidpo train` itself, and a scored run keeps its `critical.json`. Run the same command again.
+skipped by `tidpo train` itself, and the scores are kept (`critical.json`, `shares.json`, `raw_shares_end.json` in a
+run, the warm-up's `raw_shares/`). Run the same command again.
 """
 
 from __future__ import annotations
@@ -95,19 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def common(args: argparse.Namespace) -> list[str]:
-    extra = [f"trainer.max_steps={args.steps}"] if args.steps else []
-    return extra + ([f"data.eval_size={args.eval_size}"] if args.eval_size else [])
-
-
-def warm_up(run_dir: Path, args: argparse.Namespace) -> Path:
-    extra = [f"trainer.max_steps={args.warmup_steps}"] if args.warmup_steps else []
-    extra += [f"data.eval_size={args.eval_size}"] if args.eval_size else []
-    NOISE_STUDY.tidpo(["+experiment=noise_warmup", *extra, f"hydra.run.dir={run_dir}"],
-                      NOISE_STUDY.child_env(threads=1))
-    return run_dir / "final"
-
-
 # a run's directory names its point, so a rerun finds it (and `point` reads it back)
 WEIGHTS_SUBDIR = ("target=${loss.importance.target},attribution=${loss.importance.attribution},"
                   "exclude_last=${loss.importance.exclude_last},data.flip_labels=${data.flip_labels},seed=${seed}")
@@ -116,7 +106,8 @@ BASELINE_SUBDIR = "loss=${hydra:runtime.choices.loss},data.flip_labels=${data.fl
 
 def multirun(overrides: list[str], sweep_dir: Path, subdir: str, args: argparse.Namespace, warm: Path) -> None:
     NOISE_STUDY.tidpo(["-m", "+experiment=noise_robustness", f"model.name_or_path={warm.resolve()}", *overrides,
-                       f"data.flip_labels={args.noise}", f"seed={args.seeds}", *common(args),
+                       f"data.flip_labels={args.noise}", f"seed={args.seeds}",
+                       *NOISE_STUDY.size_overrides(args.steps, args.eval_size),
                        "hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}", f"hydra.sweep.dir={sweep_dir}",
                        f"hydra.sweep.subdir='{subdir}'"], NOISE_STUDY.child_env(threads=1))
 
@@ -152,22 +143,9 @@ def eval_rows(run_dir: Path) -> tuple[dict, dict]:
     return rows[0], rows[-1]
 
 
-def held_out(run_dir: Path):
-    """The run's held-out pairs, tokenized as in training."""
-    from omegaconf import OmegaConf
-
-    from tidpo_cli.data.splits import load_splits
-    from tidpo_cli.modeling import load_tokenizer
-
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    tokenizer = load_tokenizer(OmegaConf.create({"name_or_path": cfg.model.name_or_path, "tokenizer": None,
-                                                 "trust_remote_code": False}))
-    return load_splits(cfg.data, tokenizer, seed=cfg.seed, held_out_only=True).eval, tokenizer, cfg
-
-
 def reference_shares(run_dir: Path) -> dict[str, dict[str, float]]:
     """`weighting_shares` of the run's held-out responses, with the run's sigma_div."""
-    pairs, tokenizer, cfg = held_out(run_dir)
+    pairs, tokenizer, cfg = NOISE_STUDY.held_out(run_dir / "final", run_dir)
     return weighting_shares(pairs, tokenizer.pad_token_id, cfg.loss.importance.sigma_div)
 
 
@@ -207,7 +185,7 @@ def raw_shares(model_dir: Path, run_dir: Path) -> dict[str, float]:
     from tidpo_cli.explain import response_table
 
     hf_logging.disable_progress_bar()
-    pairs, tokenizer, cfg = held_out(run_dir)
+    pairs, tokenizer, cfg = NOISE_STUDY.held_out(model_dir, run_dir)
     imp = cfg.loss.importance
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     on, before = [], []
@@ -229,7 +207,8 @@ def cached(path: Path, compute) -> dict:
     return json.loads(path.read_text())
 
 
-def score_run(run_dir: Path, warm: Path) -> dict:
+def score_run(run_dir: Path, warm: Path, uniform: dict[str, float]) -> dict:
+    """The run's record; `uniform`: uniform weights' shares of its seed's held-out responses."""
     record = {"run": f"{run_dir.parent.name}/{run_dir.name}", **point(run_dir)}
     record.update(cached(run_dir / "critical.json",
                          lambda: NOISE_STUDY.critical_accuracy(run_dir / "final", run_dir)))
@@ -237,7 +216,6 @@ def score_run(run_dir: Path, warm: Path) -> dict:
     record["accuracy"] = last["eval/rewards/accuracies"]
     record["chosen_logp_change"] = last["eval/logps/chosen"] - first["eval/logps/chosen"]
     if record["target"] is None:  # uniform weights: their shares are the data's; no raw importance
-        uniform = cached(run_dir / "shares.json", lambda: reference_shares(run_dir))["uniform weights"]
         for share in SHARES:
             record[f"{share}_start"] = record[f"{share}_end"] = uniform[share]
         for raw in ("raw_critical", "raw_before"):
@@ -288,13 +266,13 @@ def score(out: Path, warm: Path, jobs: int) -> tuple[list[dict], list[dict], dic
     scores: those of the noise study, on its seed's held-out pairs)."""
     runs = sorted(p for sweep in ("sweep", "baseline") for p in (out / sweep).glob("*=*") if (p / "final").is_dir())
     precompute_raw_shares(runs, warm, jobs)
-    records = [score_run(run_dir, warm) for run_dir in runs]
-    references, seen = [], set()
-    for run_dir, record in zip(runs, records):
-        if record["seed"] not in seen:
-            seen.add(record["seed"])
-            shares = cached(run_dir / "shares.json", lambda: reference_shares(run_dir))
-            references += [{"method": name, "seed": record["seed"], **values} for name, values in shares.items()]
+    by_seed: dict[int, dict] = {}  # the seed's shares, from its first run (every run of a seed holds out the same)
+    for run_dir in runs:
+        if point(run_dir)["seed"] not in by_seed:
+            by_seed[point(run_dir)["seed"]] = cached(run_dir / "shares.json", lambda: reference_shares(run_dir))
+    records = [score_run(run_dir, warm, by_seed[point(run_dir)["seed"]]["uniform weights"]) for run_dir in runs]
+    references = [{"method": name, "seed": seed, **values} for seed, shares in by_seed.items()
+                  for name, values in shares.items()]
     warmup = cached(warm.parent / "critical.json", lambda: NOISE_STUDY.critical_accuracy(warm, warm.parent))
     return records, references, warmup
 
@@ -379,7 +357,7 @@ def markdown(summary: dict, references: dict, warmup: dict | None) -> str:
 def identical_targets(records: list[dict]) -> dict | None:
     """margin against sequence_logp, run for run (same attribution, exclude_last, flipped fraction and seed): how
     many pairs were found, and the largest difference of any metric between them. With absolute attributions the
-    two give the same weights (docs/importance.md), so every run should be the same."""
+    two give the same weights (the README's `loss.importance` entry), so every run should be the same."""
     by_point = {(r["target"], r["attribution"], r["exclude_last"], r["noise"], r["seed"]): r for r in records}
     pairs = [(r, by_point.get(("sequence_logp", *key[1:]))) for key, r in by_point.items() if key[0] == "margin"]
     pairs = [(a, b) for a, b in pairs if b is not None]
@@ -439,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
     sys.path.insert(0, str(REPO))
-    warm = warm_up(args.warmup_dir or args.out / "warmup", args)
+    warm = NOISE_STUDY.warm_up(args.warmup_dir or args.out / "warmup", args)
     sweeps(args.out, warm, args)
     records, references, warmup = score(args.out, warm, args.jobs)
     shown = NOISE_STUDY.shown
