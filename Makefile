@@ -52,7 +52,7 @@ experiment: $(STAMP)
 	$(BIN)/python scripts/experiments/noise_robustness/run.py --out runs/noise_robustness --report docs/results
 
 # Where TI-DPO's token weights go, per saliency target, attribution and exclude_last (docs/results/token_weights.md):
-# 78 runs from the label-noise study's warm-up (trained first if missing), about 30 minutes on 2 cores; run it again
+# 78 runs from the label-noise study's warm-up (trained first if missing), about 35 minutes on 2 cores; run it again
 # after an interruption. Writes runs/token_weights/ and docs/results/token_weights.*
 experiment-weights: $(STAMP)
 	$(BIN)/python scripts/experiments/token_weights/run.py --out runs/token_weights \
