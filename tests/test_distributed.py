@@ -308,3 +308,70 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_the_same_step_and_resume_chec
     resumed = torchrun([*args[:-2], f"trainer.max_steps={step + 2}", args[-1]], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in train_rows(run_dir)] == list(range(1, step + 3))
+
+
+def test_hookless_twin_shares_the_weights_and_drops_only_the_named_hooks():
+    from tidpo_cli.distributed import hookless_twin
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    calls = []
+    dropped = model[1].register_forward_hook(lambda *_: calls.append("dropped"))
+    kept = model[1].register_forward_pre_hook(lambda *_: calls.append("kept"))
+    twin = hookless_twin(model, {dropped.id})
+    x = torch.randn(2, 3)
+    assert torch.equal(twin(x), model(x)) and calls == ["kept", "kept", "dropped"]  # twin's call, then the model's
+    assert twin[0] is twin[2] and twin[0] is not shared and twin[0].weight is shared.weight
+    assert list(model[1]._forward_hooks) == [dropped.id] and kept.id in model[1]._forward_pre_hooks
+    with torch.no_grad():
+        shared.weight.zero_()  # a change of the weights is the twin's at once
+    assert torch.equal(twin(x), model(x))
+
+
+# One process under ZeRO-3 (gloo): two training steps record ZeRO-3's fetch trace; anchors sampled with the weights
+# gathered must leave that trace, the hooks and the partitioning as they were, and equal the plain model's anchors.
+ZERO3_GENERATION = r"""
+import json, torch, deepspeed
+from transformers import LlamaConfig, LlamaForCausalLM
+from tidpo_cli.anchors import generate
+from tidpo_cli.distributed import setup
+setup(torch.device("cpu"), deepspeed_enabled=True)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+contexts = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+sample = dict(pad_id=0, eos_id=1, max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, seed=3)
+want = generate(model, contexts, **sample)
+config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0), config=config)
+offload = engine.optimizer.parameter_offload
+coordinator = offload.get_param_coordinator()
+ids = torch.tensor([[5, 6, 7, 8], [8, 9, 10, 11]])
+def train_step():
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+train_step(); train_step()
+hooks = [h.id for h in offload.forward_hooks + offload.backward_hooks]
+out = {"trace_before": coordinator.is_complete_trace()}
+got = generate(engine, contexts, **sample, zero3_weights="gathered")
+out["trace_after_generation"] = coordinator.is_complete_trace()
+out["hooks_kept"] = hooks == [h.id for h in offload.forward_hooks + offload.backward_hooks]
+out["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
+train_step()
+out["trace_after_step"] = coordinator.is_complete_trace()
+out["same_anchors"] = [g.tolist() for g in got] == [w.tolist() for w in want]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_zero3_gathered_sampling_keeps_the_fetch_trace(tmp_path):
+    """DeepSpeed's `unwrap_model_for_generation` registers ZeRO-3's hooks anew after the generation, which
+    invalidates the trace, and every training step after a generation ran without it."""
+    result = subprocess.run([sys.executable, "-c", ZERO3_GENERATION], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT")[-1])
+    assert out == {"trace_before": True, "trace_after_generation": True, "hooks_kept": True, "partitioned": True,
+                   "trace_after_step": True, "same_anchors": True}

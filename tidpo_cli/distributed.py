@@ -351,9 +351,9 @@ def generation_model(model, zero3_weights: str = "auto", rows: int = 1, length: 
     """(what to call `generate` on, whether the processes must step generation together: HF's `synced_gpus`).
 
     Outside ZeRO-3 each process holds every weight and samples on its own. Under ZeRO-3 either the weights are
-    gathered once for the whole generation and the engine's hooks set aside meanwhile (DeepSpeed's
-    `unwrap_model_for_generation`, TRL's approach too), so each process again samples on its own; or every forward
-    gathers each layer from every rank, and a process that finished early must keep stepping until all have."""
+    gathered once for the whole generation (DeepSpeed's `GatheredParameters`) and sampled with `hookless_twin`, so
+    each process again samples on its own; or every forward gathers each layer from every rank, and a process that
+    finished early must keep stepping until all have."""
     if not zero3_engine(model):
         yield model, False
         return
@@ -367,10 +367,49 @@ def generation_model(model, zero3_weights: str = "auto", rows: int = 1, length: 
     if not gathered:
         yield model, torch.distributed.get_world_size() > 1
         return
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    import deepspeed
 
-    with unwrap_model_for_generation(model) as unwrapped:
-        yield unwrapped, False
+    twin = getattr(model, "_tidpo_twin", None)
+    if twin is None:
+        twin = model._tidpo_twin = hookless_twin(model.module, zero3_hook_ids(model))
+    with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+        yield twin.train(model.module.training), False
+
+
+def zero3_hook_ids(engine) -> set[int]:
+    """The ids of the hooks ZeRO-3 put on the engine's modules: each module's fetch, release and backward hooks,
+    and the root's start-of-forward hook, which resets the step of ZeRO-3's prefetch trace."""
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    return {h.id for h in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]}
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hookless_twin(module: torch.nn.Module, dropped: set[int]) -> torch.nn.Module:
+    """A second tree of module objects over the very same parameters and buffers (so no memory, and every change of
+    the weights seen at once), whose hook tables leave out the hooks with ids in `dropped`.
+
+    Under ZeRO-3 the anchors are sampled on it while the weights are gathered. DeepSpeed's own answer,
+    `unwrap_model_for_generation` (TRL's too), removes ZeRO-3's hooks from the model and registers them anew
+    afterwards, and registering them anew throws away ZeRO-3's record of the order in which a training step
+    fetches the weights (TRL invalidates it on purpose: generation's forwards would have garbled it); every
+    training step after a generation then ran without it. The twin leaves the model and its hooks as they are."""
+    twins: dict[int, torch.nn.Module] = {}
+
+    def twin_of(m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) not in twins:  # a module shared by two parents is shared by their twins too
+            t = twins[id(m)] = m.__class__.__new__(m.__class__)
+            t.__dict__.update(m.__dict__)
+            t._parameters, t._buffers = dict(m._parameters), dict(m._buffers)
+            for name in HOOK_DICTS:
+                setattr(t, name, type(getattr(m, name))((k, v) for k, v in getattr(m, name).items()
+                                                        if k not in dropped))
+            t._modules = {name: None if child is None else twin_of(child) for name, child in m._modules.items()}
+        return twins[id(m)]
+
+    return twin_of(module)
 
 
 # What ZeRO-3's module hooks count per forward and use up in the backward (deepspeed/runtime/zero/parameter_offload.py):
