@@ -355,7 +355,9 @@ def train_step():
 train_step(); train_step()
 hooks = [h.id for h in offload.forward_hooks + offload.backward_hooks]
 out = {"trace_before": coordinator.is_complete_trace()}
+linear = torch.nn.functional.linear  # ZeRO-3's own since deepspeed.initialize; torch's during the generation only
 got = generate(engine, contexts, **sample, zero3_weights="gathered")
+out["linear_back"] = torch.nn.functional.linear is linear and linear is not torch._C._nn.linear
 out["trace_after_generation"] = coordinator.is_complete_trace()
 out["hooks_kept"] = hooks == [h.id for h in offload.forward_hooks + offload.backward_hooks]
 out["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
@@ -373,5 +375,5 @@ def test_zero3_gathered_sampling_keeps_the_fetch_trace(tmp_path):
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT")[-1])
-    assert out == {"trace_before": True, "trace_after_generation": True, "hooks_kept": True, "partitioned": True,
-                   "trace_after_step": True, "same_anchors": True}
+    assert out == {"trace_before": True, "trace_after_generation": True, "linear_back": True, "hooks_kept": True,
+                   "partitioned": True, "trace_after_step": True, "same_anchors": True}

@@ -372,8 +372,22 @@ def generation_model(model, zero3_weights: str = "auto", rows: int = 1, length: 
     twin = getattr(model, "_tidpo_twin", None)
     if twin is None:
         twin = model._tidpo_twin = hookless_twin(model.module, zero3_hook_ids(model))
-    with deepspeed.zero.GatheredParameters(list(model.module.parameters())):
+    with deepspeed.zero.GatheredParameters(list(model.module.parameters())), torch_linear():
         yield twin.train(model.module.training), False
+
+
+@contextmanager
+def torch_linear():
+    """PyTorch's own `torch.nn.functional.linear` for a while. ZeRO-3 replaces it for the whole process with an
+    autograd function of its own (`memory_efficient_linear`), which keeps a gathered weight out of what the
+    backward holds on to; a generation has no backward, and pays that function's overhead in every layer of every
+    generated token."""
+    replaced = torch.nn.functional.linear
+    torch.nn.functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = replaced
 
 
 def zero3_hook_ids(engine) -> set[int]:
