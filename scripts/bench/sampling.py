@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""What sampling the anchors costs on this CPU, one process, one thread: tidpo's `anchors.generate` on the bench
+model of scripts/bench/distributed.py (random init from seed 0, eager, dynamic KV cache) for 4 and for 8 rows, with
+torch's `F.linear` and with the one ZeRO-3 puts in its place for the whole process (`memory_efficient_linear`).
+
+    python scripts/bench/sampling.py                 # writes bench-sampling.json, prints a table
+
+Contexts of 40 random ids; every row generates BENCH_TOKENS (21) tokens (the EOS id given is outside the vocabulary, so no row stops early). Each figure
+is the median of BENCH_REPEATS (7) generations after one untimed one, the settings taken in turn BENCH_ROUNDS (3)
+times (this shared machine drifts); the row `per token` is that over BENCH_TOKENS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tidpo_cli.anchors import generate  # noqa: E402
+from tidpo_cli.benchmark import versions  # noqa: E402
+
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+VOCAB = 262  # the byte-level tokenizer's
+
+
+def linears() -> dict:
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    return {"torch": torch.nn.functional.linear, "zero3": zero3_linear_wrap}
+
+
+def timed(model, rows: int, tokens: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    contexts = [torch.randint(3, VOCAB, (40,)) for _ in range(rows)]
+    times = []
+    for i in range(repeats + 1):
+        began = time.perf_counter()
+        out = generate(model, contexts, pad_id=0, eos_id=VOCAB, max_new_tokens=tokens, temperature=1.0, top_k=0,
+                       top_p=1.0, seed=i)
+        times.append(time.perf_counter() - began)
+        assert all(len(o) == tokens for o in out), "a row stopped early"
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    tokens = int(os.environ.get("BENCH_TOKENS", "21"))
+    repeats = int(os.environ.get("BENCH_REPEATS", "7"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **MODEL))
+    options = linears()
+    cells: dict[str, list[float]] = {}
+    original = torch.nn.functional.linear
+    try:
+        for _ in range(rounds):
+            for name, linear in options.items():
+                torch.nn.functional.linear = linear
+                for rows in (4, 8):
+                    cells.setdefault(f"{name} {rows}", []).append(timed(model, rows, tokens, repeats))
+    finally:
+        torch.nn.functional.linear = original
+    result = {"settings": {"model": MODEL, "vocab": VOCAB, "tokens": tokens, "context": 40, "repeats": repeats,
+                           "rounds": rounds, "threads": 1, "machine": platform.processor() or platform.machine(),
+                           "versions": versions(("torch", "transformers", "deepspeed"))},
+              "seconds": {k: statistics.median(v) for k, v in cells.items()}, "rounds_s": cells}
+    Path(os.environ.get("BENCH_OUT", "bench-sampling.json")).write_text(json.dumps(result, indent=2) + "\n")
+    print("| `F.linear` | rows | generation (s) | per token (ms) |\n|---|---:|---:|---:|")
+    for key, seconds in result["seconds"].items():
+        name, rows = key.split()
+        print(f"| {name} | {rows} | {seconds:.3f} | {1000 * seconds / tokens:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
