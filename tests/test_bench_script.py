@@ -293,3 +293,20 @@ def test_reference_cache_agreement_reads_each_job_s_per_step_losses(tmp_path):
     got = bench.agreement(tmp_path / "off", tmp_path / "auto")
     assert got["first_step_past_1e-4_per_job"] == [22, None]
     assert got["steps_1_20_max_loss_difference"] == pytest.approx(3e-6, rel=1e-6)
+
+
+def test_sampling_bench_writes_every_cell(tmp_path):
+    """scripts/bench/sampling.py, shortened: a JSON with the four cells (torch's and ZeRO-3's linear, 4 and 8 rows),
+    every generation of full length (the script checks that)."""
+    import os
+    import subprocess
+
+    out = tmp_path / "sampling.json"
+    result = subprocess.run([sys.executable, str(BENCH / "sampling.py")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BENCH_TOKENS": "2", "BENCH_REPEATS": "1",
+                                 "BENCH_ROUNDS": "1", "BENCH_OUT": str(out)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds = json.loads(out.read_text())["seconds"]
+    assert sorted(seconds) == ["torch 4", "torch 8", "zero3 4", "zero3 8"]
+    assert all(s > 0 for s in seconds.values())
+    assert result.stdout.count("\n| ") == 5  # the header's rule and four rows
