@@ -20,7 +20,8 @@ from tidpo_cli import trainer
 from tidpo_cli.config import validate
 from tidpo_cli.data.examples import TokenizedPair
 from tidpo_cli.errors import UserError
-from tidpo_cli.reference_cache import ReferenceCache, cache_key, fill, sequence_key, weights_fingerprint
+from tidpo_cli.reference_cache import (ReferenceCache, cache_key, fill, model_fingerprint, sequence_key,
+                                      weights_fingerprint)
 from tidpo_cli.trainer import train
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -97,9 +98,12 @@ def test_cold_warm_and_off_give_the_same_losses_and_warm_runs_no_reference_forwa
         assert "the reference still runs for TI-DPO's sampled anchors" in log_warm
 
 
+MODEL_PARTS = {"weights": "w" * 32, "config": "c" * 32}
+
+
 def key_of(overrides: list[str]) -> dict:
     cfg = validate(compose_config([*QUICK, *overrides]))
-    return cache_key(cfg, "w" * 32, torch.device("cpu"))
+    return cache_key(cfg, MODEL_PARTS, torch.device("cpu"))
 
 
 def test_every_part_of_the_key_picks_another_folder_and_a_changed_row_is_a_miss(tmp_path):
@@ -109,11 +113,12 @@ def test_every_part_of_the_key_picks_another_folder_and_a_changed_row_is_a_miss(
     folders = {base.folder}
     for overrides in variants:
         folders.add(ReferenceCache(tmp_path, key_of(overrides)).folder)
-    weights = {**key_of([]), "weights": "v" * 32}
-    folders.add(ReferenceCache(tmp_path, weights).folder)
-    gpu = cache_key(validate(compose_config(QUICK)), "w" * 32, torch.device("cuda"))
+    changed = [{"weights": "v" * 32}, {"config": "d" * 32}, {"packages": {"torch": "0.0", "transformers": "0.0"}}]
+    for part in changed:
+        folders.add(ReferenceCache(tmp_path, {**key_of([]), **part}).folder)
+    gpu = cache_key(validate(compose_config(QUICK)), MODEL_PARTS, torch.device("cuda"))
     folders.add(ReferenceCache(tmp_path, gpu).folder)
-    assert len(folders) == len(variants) + 3
+    assert len(folders) == 1 + len(variants) + len(changed) + 1
     # Within a folder a sequence is found by its token ids and where its response starts.
     base.write([(sequence_key([5, 6, 7, 8], 2), np.array([-1.0, -2.0], dtype=np.float32))], writer="t")
     assert sequence_key([5, 6, 7, 8], 2) in ReferenceCache(tmp_path, key_of([]))
@@ -240,6 +245,26 @@ def test_fingerprint_follows_the_weights_and_ignores_lora_adapters():
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1e-3
     assert weights_fingerprint(model) != before
+
+
+def test_config_fingerprint_follows_what_the_config_computes_not_where_it_came_from(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from tidpo_cli.modeling import build_tiny_llama
+    from tidpo_cli.tokenizer import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(TINY, build_byte_tokenizer())
+    before = model_fingerprint(model)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")  # another _name_or_path, a dtype field
+    assert loaded.config._name_or_path != model.config._name_or_path
+    assert model_fingerprint(loaded) == before
+    loaded.config.rms_norm_eps = 1e-5
+    after = model_fingerprint(loaded)
+    assert after["weights"] == before["weights"] and after["config"] != before["config"]
+    # The key names the versions that compute it.
+    import transformers
+    assert key_of([])["packages"] == {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def test_a_sweep_shares_auto_and_tdpo_bypasses_it(tmp_path):

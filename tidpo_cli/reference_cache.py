@@ -6,8 +6,8 @@ token ids with the same settings. So a sweep computes them once: before training
 cache lacks is scored in one no-grad pass and written; from then on batches carry them (`reference_logps`) and the
 objective runs the reference only for what the cache cannot hold (anchors, KTO's mismatched rows).
 
-On disk, one folder per key (a hash of `key.json`: the reference's weights and every setting that changes its
-log-probs); inside it a sequence is found by a hash of its token ids and where its response starts:
+On disk, one folder per key (a hash of `key.json`: the reference's weights and config, every setting that changes
+its log-probs, and the torch and transformers releases); inside it a sequence is found by a hash of its token ids and where its response starts:
 
   <cache>/<key>/key.json             what the key is made of
   <cache>/<key>/lock                 held (a POSIX lock, which NFS honours) by the job filling the folder
@@ -88,12 +88,36 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(cfg, fingerprint: str, device: torch.device) -> dict:
-    """Everything the reference's log-probs of given token ids depend on."""
-    return {"format": FORMAT, "weights": fingerprint, "dtype": cfg.model.dtype, "precision": cfg.trainer.precision,
+# Config fields that say where a model came from or what a forward returns, not what it computes: left out of
+# `config_fingerprint`, so the same model loaded from another path shares a folder (`save_pretrained` also fills in
+# `architectures`).
+# The dtype of the weights is in their own hash.
+METADATA_FIELDS = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                   "output_attentions", "output_hidden_states", "return_dict")
+
+
+def config_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's config (`config.to_dict()`, METADATA_FIELDS left out): what the weights alone do not
+    say, e.g. RoPE's base and scaling, the norm's epsilon, the activation."""
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in METADATA_FIELDS}
+    return xxhash.xxh3_128(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
+    """The parts of the cache key that come from the reference model itself."""
+    return {"weights": weights_fingerprint(model), "config": config_fingerprint(model)}
+
+
+def cache_key(cfg, fingerprint: dict[str, str], device: torch.device) -> dict:
+    """Everything the reference's log-probs of given token ids depend on: the model (`model_fingerprint`), the
+    settings of its forward, and the releases of torch and transformers that run it."""
+    import transformers
+
+    return {"format": FORMAT, **fingerprint, "dtype": cfg.model.dtype, "precision": cfg.trainer.precision,
             "deepspeed": bool(cfg.deepspeed.enabled), "attn_implementation": cfg.model.attn_implementation,
             "device": device.type, "max_length": cfg.data.max_length,
-            "max_prompt_length": cfg.data.max_prompt_length}
+            "max_prompt_length": cfg.data.max_prompt_length,
+            "packages": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
 def sequence_key(ids: Sequence[int] | np.ndarray, start: int) -> int:

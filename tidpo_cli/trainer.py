@@ -37,7 +37,7 @@ from .loss_specs import live_reference_parts, needs_reference, reference_cacheab
 from .objective import TokenIds, batch_loss, loss_items
 from .modeling import (check_reference_tokenizer, load_policy, load_reference, load_tokenizer, pick_device,
                        with_reference)
-from .reference_cache import ReferenceCache, cache_dir, cache_key, fill, weights_fingerprint
+from .reference_cache import ReferenceCache, cache_dir, cache_key, fill, model_fingerprint
 from .refresh import PROBE_END, record, window_size
 from .schedule import build_optimizer, build_scheduler
 from .tracking import MetricSums, Tracker
@@ -237,7 +237,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
         log.warning("model.reference=%s is not loaded: loss=%s reads no reference", cfg.model.reference, cfg.loss.name)
     caching = cache_dir(t.reference_cache, run_dir) if reference_cacheable(cfg.loss) else None
     # Hashed before LoRA adapters are added and DeepSpeed partitions the weights.
-    fingerprint = weights_fingerprint(other if other is not None else policy) if caching else None
+    fingerprint = model_fingerprint(other if other is not None else policy) if caching else None
     policy, reference, peft_model = with_reference(policy, cfg.model, reference=needs_reference(cfg.loss), other=other)
     if reference is None:
         log.info("reference: none (loss=%s reads no reference model's log-probs)", cfg.loss.name)
