@@ -4,11 +4,13 @@ cache is never read, filled by two processes at once; a reference other than the
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,11 @@ def counted_run(run_dir: Path, overrides: list[str], base: list[str] = QUICK) ->
     logger.setLevel(logging.INFO)
     shard_reference = trainer.shard_reference
 
+    accumulate = trainer.accumulate_gradients
+
     def watch(reference, cfg, dist):
         reference = shard_reference(reference, cfg, dist)
+        seen["reference"] = weakref.ref(reference)
 
         def count(module, args, kwargs):
             seen["forwards"] += 1
@@ -54,14 +59,21 @@ def counted_run(run_dir: Path, overrides: list[str], base: list[str] = QUICK) ->
         reference.register_forward_pre_hook(count, with_kwargs=True)
         return reference
 
+    def first_step(*args, **kwargs):  # whether the reference is still alive when training starts
+        gc.collect()
+        seen.setdefault("kept_for_training", seen["reference"]() is not None)
+        return accumulate(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "shard_reference", watch)
+        mp.setattr(trainer, "accumulate_gradients", first_step)
         try:
             train(validate(compose_config([*base, *overrides, f"hydra.run.dir={run_dir}"])), run_dir)
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
             handler.close()
+    del seen["reference"]
     return seen
 
 
@@ -86,15 +98,18 @@ def test_cold_warm_and_off_give_the_same_losses_and_warm_runs_no_reference_forwa
     pairs_rows = 3 * 8 + 2 * 16
     log_cold, log_warm = ((tmp_path / f"{n}.log").read_text() for n in ("cold", "warm"))
     assert "0 sequences read, 224 computed" in log_cold and "224 sequences read, 0 computed" in log_warm
+    # kept_for_training: whether the reference model is still alive at the first step (DPO's is freed after the fill)
     if loss == "dpo":
-        assert off == {"forwards": 5, "rows": pairs_rows}
-        assert warm == {"forwards": 0, "rows": 0}
-        assert cold == {"forwards": 7, "rows": 112}  # the fill alone: 112 pairs in batches of 16 (eval_batch_size)
+        assert off == {"forwards": 5, "rows": pairs_rows, "kept_for_training": True}
+        assert warm == {"forwards": 0, "rows": 0, "kept_for_training": False}
+        # the fill alone: 112 pairs in batches of 16 (eval_batch_size)
+        assert cold == {"forwards": 7, "rows": 112, "kept_for_training": False}
         assert "the reference runs no forward from here on" in log_warm
     else:
-        assert off == {"forwards": 5, "rows": pairs_rows}
-        assert warm == {"forwards": 3, "rows": 3 * 8}  # the anchors alone, one row each, in training only
-        assert cold == {"forwards": 7 + 3, "rows": 112 + 3 * 8}
+        assert off == {"forwards": 5, "rows": pairs_rows, "kept_for_training": True}
+        # the anchors alone, one row each, in training only
+        assert warm == {"forwards": 3, "rows": 3 * 8, "kept_for_training": True}
+        assert cold == {"forwards": 7 + 3, "rows": 112 + 3 * 8, "kept_for_training": True}
         assert "the reference still runs for TI-DPO's sampled anchors" in log_warm
 
 
@@ -319,6 +334,6 @@ def test_kto_on_unpaired_rows_reads_its_rows_from_the_cache(tmp_path):
             if name in a:
                 assert b[name] == pytest.approx(a[name], abs=1e-6), (a["step"], name)
     # Off: per micro-batch the rows and the mismatched rows, 3 steps and 2 evals of one batch. Warm: the latter only.
-    assert off["forwards"] == 2 * 5 and warm["forwards"] == 5
+    assert off["forwards"] == 2 * 5 and warm["forwards"] == 5 and warm["kept_for_training"]
     assert "20 sequences read, 0 computed" in (tmp_path / "warm.log").read_text()
     assert "KTO's mismatched prompt-completion rows" in (tmp_path / "warm.log").read_text()

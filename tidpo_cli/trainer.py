@@ -274,7 +274,9 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
         live = live_reference_parts(cfg.loss)
         log.info("reference cache %s: %d sequences read, %d computed; %s", cache.folder, found, computed,
                  f"the reference still runs for {' and '.join(live)}" if live else
-                 "the reference runs no forward from here on")
+                 "the reference runs no forward from here on, and its own copy of the weights (if any) is freed")
+        if not live:
+            reference = other = None
     elif t.reference_cache != "off" and needs_reference(cfg.loss):
         log.info("trainer.reference_cache: not used, loss.alpha=%s (TDPO's KL reads the reference's whole "
                  "distributions, which no cache holds)", cfg.loss.alpha)
