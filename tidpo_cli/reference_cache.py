@@ -7,7 +7,8 @@ cache lacks is scored in one no-grad pass and written; from then on batches carr
 objective runs the reference only for what the cache cannot hold (anchors, KTO's mismatched rows).
 
 On disk, one folder per key (a hash of `key.json`: the reference's weights and config, every setting that changes
-its log-probs, and the torch and transformers releases); inside it a sequence is found by a hash of its token ids and where its response starts:
+its log-probs, and the torch and transformers releases); inside it a sequence is found by a hash of its token ids
+and where its response starts:
 
   <cache>/<key>/key.json             what the key is made of
   <cache>/<key>/lock                 held (a POSIX lock, which NFS honours) by the job filling the folder
@@ -90,8 +91,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 # Config fields that say where a model came from or what a forward returns, not what it computes: left out of
 # `config_fingerprint`, so the same model loaded from another path shares a folder (`save_pretrained` also fills in
-# `architectures`).
-# The dtype of the weights is in their own hash.
+# `architectures`). The dtype of the weights is in their own hash.
 METADATA_FIELDS = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
                    "output_attentions", "output_hidden_states", "return_dict")
 
