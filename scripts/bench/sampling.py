@@ -5,9 +5,10 @@ torch's `F.linear` and with the one ZeRO-3 puts in its place for the whole proce
 
     python scripts/bench/sampling.py                 # writes bench-sampling.json, prints a table
 
-Contexts of 40 random ids; every row generates BENCH_TOKENS (21) tokens (the EOS id given is outside the vocabulary, so no row stops early). Each figure
-is the median of BENCH_REPEATS (7) generations after one untimed one, the settings taken in turn BENCH_ROUNDS (3)
-times (this shared machine drifts); the row `per token` is that over BENCH_TOKENS.
+Contexts of 40 random ids; every row generates BENCH_TOKENS (21) tokens (the EOS id given is outside the
+vocabulary, so no row stops early). Each figure is the median of BENCH_REPEATS (7) generations after one untimed
+one, the settings taken in turn BENCH_ROUNDS (3) times (this shared machine drifts); `per token` is that figure
+over BENCH_TOKENS.
 """
 
 from __future__ import annotations
