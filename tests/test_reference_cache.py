@@ -44,9 +44,7 @@ def counted_run(run_dir: Path, overrides: list[str], base: list[str] = QUICK) ->
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    shard_reference = trainer.shard_reference
-
-    accumulate = trainer.accumulate_gradients
+    shard_reference, accumulate = trainer.shard_reference, trainer.accumulate_gradients
 
     def watch(reference, cfg, dist):
         reference = shard_reference(reference, cfg, dist)

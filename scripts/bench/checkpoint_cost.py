@@ -23,19 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from distributed import MODEL_CONFIG as MODEL  # noqa: E402  (the bench model)
 from tidpo_cli import manifest  # noqa: E402
 from tidpo_cli.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from tidpo_cli.cli import compose_config  # noqa: E402
 from tidpo_cli.distributed import PlainEngine  # noqa: E402
 from tidpo_cli.schedule import build_optimizer, build_scheduler  # noqa: E402
 from tidpo_cli.tokenizer import build_byte_tokenizer  # noqa: E402
-
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 
 
 def main() -> None:

@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from distributed import MODEL_CONFIG  # noqa: E402  (the bench model)
 from tidpo_cli.anchors import generate  # noqa: E402
 from tidpo_cli.benchmark import versions  # noqa: E402
-
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-VOCAB = 262  # the byte-level tokenizer's
+from tidpo_cli.modeling import build_tiny_llama  # noqa: E402
+from tidpo_cli.tokenizer import build_byte_tokenizer  # noqa: E402
 
 
 def linears() -> dict:
@@ -40,12 +40,13 @@ def linears() -> dict:
 
 
 def timed(model, rows: int, tokens: int, repeats: int) -> float:
+    vocab = model.config.vocab_size
     torch.manual_seed(0)
-    contexts = [torch.randint(3, VOCAB, (40,)) for _ in range(rows)]
+    contexts = [torch.randint(3, vocab, (40,)) for _ in range(rows)]
     times = []
     for i in range(repeats + 1):
         began = time.perf_counter()
-        out = generate(model, contexts, pad_id=0, eos_id=VOCAB, max_new_tokens=tokens, temperature=1.0, top_k=0,
+        out = generate(model, contexts, pad_id=0, eos_id=vocab, max_new_tokens=tokens, temperature=1.0, top_k=0,
                        top_p=1.0, seed=i)
         times.append(time.perf_counter() - began)
         assert all(len(o) == tokens for o in out), "a row stopped early"
@@ -58,7 +59,7 @@ def main() -> None:
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **MODEL))
+    model = build_tiny_llama(MODEL_CONFIG, build_byte_tokenizer())
     options = linears()
     cells: dict[str, list[float]] = {}
     original = torch.nn.functional.linear
@@ -70,7 +71,7 @@ def main() -> None:
                     cells.setdefault(f"{name} {rows}", []).append(timed(model, rows, tokens, repeats))
     finally:
         torch.nn.functional.linear = original
-    result = {"settings": {"model": MODEL, "vocab": VOCAB, "tokens": tokens, "context": 40, "repeats": repeats,
+    result = {"settings": {"model": MODEL_CONFIG, "vocab": model.config.vocab_size, "tokens": tokens, "context": 40, "repeats": repeats,
                            "rounds": rounds, "threads": 1, "machine": platform.processor() or platform.machine(),
                            "versions": versions(("torch", "transformers", "deepspeed"))},
               "seconds": {k: statistics.median(v) for k, v in cells.items()}, "rounds_s": cells}

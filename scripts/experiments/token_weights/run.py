@@ -266,11 +266,12 @@ def score(out: Path, warm: Path, jobs: int) -> tuple[list[dict], list[dict], dic
     scores: those of the noise study, on its seed's held-out pairs)."""
     runs = sorted(p for sweep in ("sweep", "baseline") for p in (out / sweep).glob("*=*") if (p / "final").is_dir())
     precompute_raw_shares(runs, warm, jobs)
+    seeds = {run_dir: point(run_dir)["seed"] for run_dir in runs}
     by_seed: dict[int, dict] = {}  # the seed's shares, from its first run (every run of a seed holds out the same)
-    for run_dir in runs:
-        if point(run_dir)["seed"] not in by_seed:
-            by_seed[point(run_dir)["seed"]] = cached(run_dir / "shares.json", lambda: reference_shares(run_dir))
-    records = [score_run(run_dir, warm, by_seed[point(run_dir)["seed"]]["uniform weights"]) for run_dir in runs]
+    for run_dir, seed in seeds.items():
+        if seed not in by_seed:
+            by_seed[seed] = cached(run_dir / "shares.json", lambda: reference_shares(run_dir))
+    records = [score_run(run_dir, warm, by_seed[seed]["uniform weights"]) for run_dir, seed in seeds.items()]
     references = [{"method": name, "seed": seed, **values} for seed, shares in by_seed.items()
                   for name, values in shares.items()]
     warmup = cached(warm.parent / "critical.json", lambda: NOISE_STUDY.critical_accuracy(warm, warm.parent))
