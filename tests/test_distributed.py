@@ -67,8 +67,9 @@ def test_two_processes_match_one_process(single, tmp_path, loss, zero):
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     for a, b in zip(got, want):
         for name in COMPARED:
-            if name in b:
-                assert a[name] == pytest.approx(b[name], abs=1e-4), (a["step"], name)
+            if name in b:  # rel: ZeRO-3 sums the gradients in another order, and AdamW carries that rounding on,
+                # about tenfold a step: at step 5 a summed log-prob of -66 was 1.1e-4 off on a 2-core AMD EPYC
+                assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-4), (a["step"], name)
     if loss == "tidpo":
         assert all(r["anchor/length"] > 0 and r["importance/max"] > 1 for r in got)
     evals = [r for r in rows(tmp_path / "run") if "eval/loss" in r]
