@@ -332,7 +332,7 @@ def test_hookless_twin_shares_the_weights_and_drops_only_the_named_hooks():
 
 # One process under ZeRO-3 (gloo): two training steps record ZeRO-3's fetch trace; anchors sampled with the weights
 # gathered must leave that trace, the hooks and the partitioning as they were, and equal the plain model's anchors.
-ZERO3_GENERATION = r"""
+ZERO3_ENGINE = r"""
 import json, torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
 from tidpo_cli.anchors import generate
@@ -354,6 +354,9 @@ def train_step():
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
 train_step(); train_step()
+"""
+
+ZERO3_GENERATION = ZERO3_ENGINE + r"""
 hooks = [h.id for h in offload.forward_hooks + offload.backward_hooks]
 out = {"trace_before": coordinator.is_complete_trace()}
 linear = torch.nn.functional.linear  # ZeRO-3's own since deepspeed.initialize; torch's during the generation only
@@ -378,3 +381,36 @@ def test_zero3_gathered_sampling_keeps_the_fetch_trace(tmp_path):
     out = json.loads(result.stdout.split("RESULT")[-1])
     assert out == {"trace_before": True, "trace_after_generation": True, "linear_back": True, "hooks_kept": True,
                    "partitioned": True, "trace_after_step": True, "same_anchors": True}
+
+
+ZERO3_COMPILED = ZERO3_ENGINE + r"""
+from torch._dynamo.utils import counters
+def compiled(contexts):
+    return generate(engine, contexts, **sample, zero3_weights="gathered", compile=True)
+out = {"same_anchors": [g.tolist() for g in compiled(contexts)] == [w.tolist() for w in want]}
+graphs = counters["stats"]["unique_graphs"]
+out["compiled"] = graphs > 0
+train_step()  # the weights partitioned again, and gathered anew into other storage for the next generation
+others = [torch.tensor([7, 6]), torch.tensor([9, 8, 7])]
+out["same_anchors_after_a_step"] = ([g.tolist() for g in compiled(others)]
+                                    == [w.tolist() for w in generate(model, others, **sample)])
+out["no_recompile"] = counters["stats"]["unique_graphs"] == graphs
+train_step()
+out["trace_after_step"] = coordinator.is_complete_trace()
+out["partitioned"] = all(p.numel() == 0 for p in engine.module.parameters())
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_zero3_compiled_sampling_on_the_twin_draws_the_eager_anchors_and_compiles_once(tmp_path):
+    """`loss.anchor.compile` under ZeRO-3 (on by default on CUDA): HF's static cache and compiled decode step on the
+    gathered twin, compiled for real on the CPU. The same anchors as the plain model eager; after a training step
+    (weights partitioned, then gathered again into new storage) a generation in the same buckets compiles nothing
+    new, and ZeRO-3's trace and partitioning are as they were."""
+    result = subprocess.run([sys.executable, "-c", ZERO3_COMPILED], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT")[-1])
+    assert out == {"same_anchors": True, "compiled": True, "same_anchors_after_a_step": True, "no_recompile": True,
+                   "trace_after_step": True, "partitioned": True}
