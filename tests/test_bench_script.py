@@ -1,7 +1,8 @@
 """The benchmark driver's pure parts (scripts/bench/): medians, ratios, targets, row fitting and token counting;
-and those of distributed.py (commands, ratios, checks, table).
+those of distributed.py (commands, ratios, checks, table) and gpu_summary.py; and scripts/bench/gpu.sh and
+sampling.py, shortened, on the CPU.
 
-No timing is tested here and nothing is trained; only the DPOConfig test needs TRL (the `bench` extra).
+No timing is tested here; only the DPOConfig test needs TRL (the `bench` extra).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _load(name: str, file: str | None = None):
 bench = _load("trl_vs_tidpo")
 scaling = _load("scaling")
 dist = _load("bench_distributed", "distributed")
+gpu = _load("gpu_summary")
 
 
 def n_bytes(text: str) -> int:  # the byte-level tokenizer's count, without BOS / EOS
@@ -310,3 +312,63 @@ def test_sampling_bench_writes_every_cell(tmp_path):
     assert sorted(seconds) == ["torch 4", "torch 8", "zero3 4", "zero3 8"]
     assert all(s > 0 for s in seconds.values())
     assert result.stdout.count("\n| ") == 5  # the header's rule and four rows
+
+
+
+def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
+    """gpu_summary.py on hand-written rows: after a warm-up of 1, dpo's pairs/s 8, 16, 10 give a median step of
+    0.8 s (8 pairs over 10 pairs/s) and tokens/s 2000; MFU is 8 x 1.5M parameters x 2000 tokens/s over 1 TFLOP/s.
+    A row without metrics (failed or skipped) is left out; the eval rows are not steps."""
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir(), out.mkdir()
+    (out / "checks.txt").write_text("bench_dpo ok (30 s)\nbench_tidpo skipped (BUDGET_S=1)\n")
+    (out / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\n")
+    (logs / "dpo.log").write_text("model: a Llama, 1.50M parameters (1.50M trainable), on cuda\n"
+                                  "trainer.share_prompt=auto: one row per response\n")
+    steps = [(4, 500, 3.0), (8, 1000, 2.0), (16, 3000, 2.5), (10, 2000, 2.0)]
+    rows = [{"loss": 0.69, "perf/samples_per_s": s, "perf/tokens_per_s": t, "perf/peak_mem_gb": m} for s, t, m in steps]
+    rows.insert(2, {"eval/loss": 0.7})
+    (logs / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (logs / "faster.jsonl").write_text("".join(json.dumps({**r, "perf/samples_per_s": 2 * r["perf/samples_per_s"]})
+                                               + "\n" for r in rows if "loss" in r))
+    gpu.main([str(out), str(logs), "1", "1", "dpo", "faster", "tidpo"])
+    got = json.loads((out / "gpu_bench.json").read_text())
+    dpo = got["runs"]["dpo"]
+    assert got["parameters"] == 1.5e6 and got["gpu"] == "NVIDIA H200, 143771 MiB"
+    assert got["checks"] == ["bench_dpo ok (30 s)", "bench_tidpo skipped (BUDGET_S=1)"]
+    assert dpo["steps_measured"] == 3 and dpo["samples_per_s"] == 10 and dpo["tokens_per_s"] == 2000
+    assert dpo["step_s"] == pytest.approx(0.8) and dpo["first_step_s"] == pytest.approx(2.0)
+    assert dpo["peak_mem_gb"] == 3.0 and dpo["mfu_dpo_flops"] == pytest.approx(8 * 1.5e6 * 2000 / 1e12)
+    assert dpo["share_prompt_auto"] == "one row per response" and dpo["step_time_vs_dpo"] == 1.0
+    assert got["runs"]["faster"]["step_time_vs_dpo"] == pytest.approx(0.5)
+    assert "tidpo" not in got["runs"]
+
+
+def test_gpu_script_on_the_cpu_keeps_to_its_budget_and_packs_its_logs(tmp_path):
+    """scripts/bench/gpu.sh as a lent machine runs it (logs outside OUT), on the CPU with the small model
+    (DEVICE=cpu SIZE=small) and 40 HH-RLHF-shaped rows written here: with BUDGET_S=1 the first row runs and the
+    second is skipped; OUT then holds what comes back from such a machine (four files, the logs packed)."""
+    import gzip
+    import os
+    import subprocess
+    import tarfile
+
+    hh = tmp_path / "hh.jsonl.gz"
+    with gzip.open(hh, "wt") as f:
+        for i in range(40):
+            prompt = f"\n\nHuman: question number {i}, how are you?\n\nAssistant:"
+            f.write(json.dumps({"chosen": f"{prompt} well, thank you {i}.", "rejected": f"{prompt} no {i}."}) + "\n")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "SIZE": "small", "CHECKS": "0", "BENCH_STEPS": "3",
+           "BENCH_WARMUP": "1", "BUDGET_S": "1", "OUT": str(out), "LOGS": str(logs), "HH": str(hh),
+           "GPU_ROWS": "dpo:loss=dpo;tidpo:loss=tidpo"}
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=BENCH.parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["checks.txt", "gpu.txt", "gpu_bench.json", "logs.tgz"]
+    checks = (out / "checks.txt").read_text().splitlines()
+    assert checks[0].startswith("bench_dpo ok (") and checks[1].startswith("bench_tidpo skipped (BUDGET_S=1: ")
+    got = json.loads((out / "gpu_bench.json").read_text())
+    assert list(got["runs"]) == ["dpo"] and got["runs"]["dpo"]["steps_measured"] == 2
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert sorted(n.removeprefix("./") for n in tar.getnames() if n != ".") == ["dpo.jsonl", "dpo.log"]
