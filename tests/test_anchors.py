@@ -240,3 +240,21 @@ def test_the_row_seeded_draw_samples_the_warped_distribution():
     two = torch.softmax(logits[0, :2].double(), -1)
     got = shares(1.0, 0, 0.7)
     assert torch.allclose(got[:2], two, atol=0.01) and got[2:].sum() == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_anchors_are_sampled_in_the_precision_of_the_forwards(tmp_path, monkeypatch, precision):
+    """trainer.precision=bf16 is autocast around the loss's forwards; the step's anchors, sampled before them, are
+    sampled under the same autocast (as the loss samples them itself when a batch comes without), not in fp32."""
+    from helpers import QUICK, compose_config
+    from tidpo_cli import anchors
+    from tidpo_cli.trainer import train
+
+    seen = []
+    original = anchors.generate
+    monkeypatch.setattr(anchors, "generate", lambda model, contexts, **kw: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))) or original(model, contexts, **kw))
+    train(compose_config([*QUICK, "loss=tidpo", f"trainer.precision={precision}", "trainer.max_steps=2",
+                          "trainer.save_final=false", "trainer.eval_before=false"]), tmp_path)
+    assert len(seen) == 2  # one generation a step
+    assert set(seen) == ({(True, torch.bfloat16)} if precision == "bf16" else {(False, torch.bfloat16)})

@@ -333,12 +333,14 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
         """The anchors of every micro-batch of the window's steps in one generation: a step's micro-batches share
         the policy's weights, so this changes no anchor (each row draws on its own, anchors.RowSeededDraw), and
         takes one generation per window instead of one per micro-batch. Each micro-batch samples with the seed its
-        loss would use. Under refresh_every=auto, the probe's generations are timed here."""
+        loss would use, and in the precision of its forwards (bf16 autocast where the loss has it), as the loss
+        samples when it gets no anchors. Under refresh_every=auto, the probe's generations are timed here."""
         began = time.perf_counter()
         seeds = [micro_seed(step_seed(cfg, step + k, dist.world), j, dist)
                  for k, (micro, _) in enumerate(window) for j in range(len(micro))]
-        attach_anchors([b for micro, _ in window for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
-                       eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
+        with autocast():
+            attach_anchors([b for micro, _ in window for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
+                           eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
         if cfg.loss.anchor.refresh_every != "auto" or state.anchor_window is not None:
             return
         if device.type == "cuda":
