@@ -88,21 +88,26 @@ def test_a_static_cache_and_dummy_rows_leave_the_eager_samples_as_they_are(monke
 
 
 @pytest.mark.slow
-def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket(autocast):
     """Compiled for real on the CPU (the compile config's all-devices switch). The same tokens as eager, not only
     the same distribution: the compiled kernels round differently, but on this toy no draw sits near enough a
-    boundary to flip. A second generation in the same buckets (other prompts, 4 rows) compiles nothing new."""
+    boundary to flip. A second generation in the same buckets (other prompts, 4 rows) compiles nothing new. Also
+    under bf16 autocast, as trainer.precision=bf16 samples."""
+    import contextlib
+
     from torch._dynamo.utils import counters
     m = model()
-    before = counters["stats"]["unique_graphs"]
-    assert same(sample(m, seed=3, compile=True), sample(m, seed=3))
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > before  # it did compile
-    others = [c[:-1] for c in CONTEXTS] + [CONTEXTS[1]]
-    options = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95, seed=4)
-    compiled = generate(m, others, compile=True, **options)
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert same(compiled, generate(m, others, **options))
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        before = counters["stats"]["unique_graphs"]
+        assert same(sample(m, seed=3, compile=True), sample(m, seed=3))
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > before  # it did compile
+        others = [c[:-1] for c in CONTEXTS] + [CONTEXTS[1]]
+        options = dict(pad_id=PAD, eos_id=EOS, max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95, seed=4)
+        compiled = generate(m, others, compile=True, **options)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert same(compiled, generate(m, others, **options))
 
 
 def test_compile_auto_is_off_on_the_cpu_and_a_bad_value_is_refused(monkeypatch):
