@@ -176,7 +176,6 @@ def test_loop_options_train_to_finite_losses(tmp_path, overrides, plain):
     assert type(seen["optimizer"]) is expected
     assert checkpointing(seen["policy"]) == cfg.gradient_checkpointing
     # bf16: the policy's forwards ran under bf16 autocast (the weights stay fp32), so its numbers are not fp32's.
-    # (Anchor sampling runs outside the autocast: fp32 logits there.)
     assert (torch.bfloat16 in seen["logits_dtypes"]) == (cfg.precision == "bf16")
     assert next(seen["policy"].parameters()).dtype == torch.float32
     if cfg.precision == "bf16":
