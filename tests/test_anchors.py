@@ -87,13 +87,42 @@ def test_a_static_cache_and_dummy_rows_leave_the_eager_samples_as_they_are(monke
     assert all(same(sample(m, seed=s, compile=True), eager[s]) for s in range(3))
 
 
+def test_under_autocast_the_anchors_are_those_autocast_draws_from_the_fp32_weights(monkeypatch):
+    """Sampling under bf16 autocast runs on the twin with its Linear weights cast once (twin.autocast_weights):
+    the tokens of the model itself under the same autocast, eager and on the compiled path's shapes."""
+    from contextlib import contextmanager, nullcontext
+
+    from tidpo_cli import anchors
+    m = model()
+    samplers, original = [], anchors.autocast_weights
+
+    @contextmanager
+    def seen(model, dtype):
+        with original(model, dtype) as sampler:
+            samplers.append((sampler is not model, dtype))
+            yield sampler
+
+    monkeypatch.setattr(anchors, "autocast_weights", seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_once = [sample(m, seed=s) for s in range(4)]
+        static_cache = anchors.static_cache  # the compiled path's shapes, not compiled (fast)
+        monkeypatch.setattr(anchors, "static_cache", lambda *a: {**static_cache(*a), "disable_compile": True})
+        static = sample(m, seed=9, compile=True)
+        monkeypatch.setattr(anchors, "autocast_weights", lambda model, dtype: nullcontext(model))
+        plain = [sample(m, seed=s) for s in range(4)]
+        plain_static = sample(m, seed=9, compile=True)
+    assert samplers == [(True, torch.bfloat16)] * 5
+    assert all(same(a, b) for a, b in zip(cast_once, plain)) and same(static, plain_static)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket(autocast):
+def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket(monkeypatch, autocast):
     """Compiled for real on the CPU (the compile config's all-devices switch). The same tokens as eager, not only
     the same distribution: the compiled kernels round differently, but on this toy no draw sits near enough a
     boundary to flip. A second generation in the same buckets (other prompts, 4 rows) compiles nothing new. Also
-    under bf16 autocast, as trainer.precision=bf16 samples."""
+    under bf16 autocast, as trainer.precision=bf16 samples, where it runs on the twin with its Linear weights cast
+    once: the tokens of the model compiled as it is."""
     import contextlib
 
     from torch._dynamo.utils import counters
@@ -108,6 +137,10 @@ def test_compiled_decoding_draws_the_eager_samples_and_compiles_once_per_bucket(
         compiled = generate(m, others, compile=True, **options)
         assert counters["stats"]["unique_graphs"] == graphs
         assert same(compiled, generate(m, others, **options))
+        if autocast:  # the twin's weights cast once: what the compiled model itself draws, casting every token
+            from tidpo_cli import anchors
+            monkeypatch.setattr(anchors, "autocast_weights", lambda model, dtype: contextlib.nullcontext(model))
+            assert same(generate(m, others, compile=True, **options), compiled)
 
 
 def test_compile_auto_is_off_on_the_cpu_and_a_bad_value_is_refused(monkeypatch):

@@ -315,6 +315,25 @@ def test_sampling_bench_writes_every_cell(tmp_path):
 
 
 
+@pytest.mark.slow
+def test_autocast_sampling_bench_writes_every_cell_and_the_same_tokens(tmp_path):
+    """scripts/bench/autocast_sampling.py, shortened to the bench model (two compiles on the CPU): the four cells
+    (eager and compiled, the weights cast once and per call), and the same tokens either way on both paths."""
+    import os
+    import subprocess
+
+    out = tmp_path / "autocast.json"
+    result = subprocess.run([sys.executable, str(BENCH / "autocast_sampling.py")], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "BENCH_TOKENS": "3", "BENCH_REPEATS": "1",
+                                              "BENCH_ROUNDS": "1", "BENCH_MODELS": "bench", "BENCH_OUT": str(out)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert sorted(got["seconds"]) == [f"bench|{p}|cast {w}" for p in ("compiled", "eager") for w in ("once", "per call")]
+    assert all(s > 0 for s in got["seconds"].values())
+    assert got["same_tokens"] == {"bench|eager": True, "bench|compiled": True}
+    assert result.stdout.count("\n| bench (3.3 M) | ") == 4  # a table row for each cell
+
+
 def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
     """gpu_summary.py on hand-written rows: after a warm-up of 1, dpo's pairs/s 8, 16, 10 give a median step of
     0.8 s (8 pairs over 10 pairs/s) and tokens/s 2000; MFU is 8 x 1.5M parameters x 2000 tokens/s over 1 TFLOP/s.

@@ -311,25 +311,6 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_the_same_step_and_resume_chec
     assert [r["step"] for r in train_rows(run_dir)] == list(range(1, step + 3))
 
 
-def test_hookless_twin_shares_the_weights_and_drops_only_the_named_hooks():
-    from tidpo_cli.distributed import hookless_twin
-
-    torch.manual_seed(0)
-    shared = torch.nn.Linear(3, 3)
-    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
-    calls = []
-    dropped = model[1].register_forward_hook(lambda *_: calls.append("dropped"))
-    kept = model[1].register_forward_pre_hook(lambda *_: calls.append("kept"))
-    twin = hookless_twin(model, {dropped.id})
-    x = torch.randn(2, 3)
-    assert torch.equal(twin(x), model(x)) and calls == ["kept", "kept", "dropped"]  # twin's call, then the model's
-    assert twin[0] is twin[2] and twin[0] is not shared and twin[0].weight is shared.weight
-    assert list(model[1]._forward_hooks) == [dropped.id] and kept.id in model[1]._forward_pre_hooks
-    with torch.no_grad():
-        shared.weight.zero_()  # a change of the weights is the twin's at once
-    assert torch.equal(twin(x), model(x))
-
-
 # One process under ZeRO-3 (gloo): two training steps record ZeRO-3's fetch trace; anchors sampled with the weights
 # gathered must leave that trace, the hooks and the partitioning as they were, and equal the plain model's anchors.
 ZERO3_ENGINE = r"""

@@ -10,6 +10,7 @@ from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, S
 from .distributed import generation_model, zero3_engine
 from .losses import IGNORE_INDEX
 from .packing import pack_pairs
+from .twin import autocast_dtype, autocast_weights
 
 Batch = dict[str, torch.Tensor]
 
@@ -150,7 +151,8 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
     after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible, and each
     row on its own (`RowSeededDraw`): `seed` is one per context, or one int from which row i takes seed + i; the
     global RNG is not disturbed. Under ZeRO-3 `zero3_weights` says how the partitioned weights are had
-    (distributed.generation_model).
+    (distributed.generation_model). Under autocast the Linear weights are cast once for the whole generation
+    (twin.autocast_weights), as eager autocast's own cache does.
 
     `compile`: HF's static KV cache and compiled decode step, the rows padded with dummy rows to a bucket; the
     same samples as without, up to the compiled kernels' rounding. Eager under ZeRO-3's per-layer gathering."""
@@ -162,7 +164,8 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
     model.eval()
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with generation_model(model, zero3_weights, rows=rows, length=length) as (sampler, synced), \
+        with generation_model(model, zero3_weights, rows=rows, length=length) as (gathered, synced), \
+                autocast_weights(gathered, autocast_dtype(device.type)) as sampler, \
                 torch.random.fork_rng(devices=devices):
             compiled = compile and not per_layer_gathering(model)
             ids, mask = left_pad(contexts + contexts[:1] * (rows - real) if compiled else contexts, pad_id)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 from .tracking import MetricSums
+from .twin import hookless_twin
 
 log = logging.getLogger("tidpo")
 
@@ -369,9 +370,9 @@ def generation_model(model, zero3_weights: str = "auto", rows: int = 1, length: 
         return
     import deepspeed
 
-    twin = getattr(model, "_tidpo_twin", None)
-    if twin is None:
-        twin = model._tidpo_twin = hookless_twin(model.module, zero3_hook_ids(model))
+    twin = model.__dict__.get("_tidpo_twin")
+    if twin is None:  # in __dict__, not registered as a submodule of the engine: the twin is no part of the model
+        twin = model.__dict__["_tidpo_twin"] = hookless_twin(model.module, zero3_hook_ids(model))
     with deepspeed.zero.GatheredParameters(list(model.module.parameters())), torch_linear():
         yield twin.train(model.module.training), False
 
@@ -395,35 +396,6 @@ def zero3_hook_ids(engine) -> set[int]:
     and the root's start-of-forward hook, which resets the step of ZeRO-3's prefetch trace."""
     offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
     return {h.id for h in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]}
-
-
-HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
-
-
-def hookless_twin(module: torch.nn.Module, dropped: set[int]) -> torch.nn.Module:
-    """A second tree of module objects over the very same parameters and buffers (so no memory, and every change of
-    the weights seen at once), whose hook tables leave out the hooks with ids in `dropped`.
-
-    Under ZeRO-3 the anchors are sampled on it while the weights are gathered. DeepSpeed's own answer,
-    `unwrap_model_for_generation` (TRL's too), removes ZeRO-3's hooks from the model and registers them anew
-    afterwards, and registering them anew throws away ZeRO-3's record of the order in which a training step
-    fetches the weights (TRL invalidates it on purpose: generation's forwards would have garbled it); every
-    training step after a generation then ran without it. The twin leaves the model and its hooks as they are."""
-    twins: dict[int, torch.nn.Module] = {}
-
-    def twin_of(m: torch.nn.Module) -> torch.nn.Module:
-        if id(m) not in twins:  # a module shared by two parents is shared by their twins too
-            t = twins[id(m)] = m.__class__.__new__(m.__class__)
-            t.__dict__.update(m.__dict__)
-            t._parameters, t._buffers = dict(m._parameters), dict(m._buffers)
-            for name in HOOK_DICTS:
-                setattr(t, name, type(getattr(m, name))((k, v) for k, v in getattr(m, name).items()
-                                                        if k not in dropped))
-            t._modules = {name: None if child is None else twin_of(child) for name, child in m._modules.items()}
-        return twins[id(m)]
-
-    return twin_of(module)
 
 
 # What ZeRO-3's module hooks count per forward and use up in the backward (deepspeed/runtime/zero/parameter_offload.py):

@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,15 +40,18 @@ def linears() -> dict:
     return {"torch": torch.nn.functional.linear, "zero3": zero3_linear_wrap}
 
 
-def timed(model, rows: int, tokens: int, repeats: int) -> float:
+def timed(model, rows: int, tokens: int, repeats: int, context=nullcontext, **options) -> float:
+    """The median seconds of `repeats` generations of `tokens` tokens for `rows` rows, after an untimed one, each
+    inside a `context()` of its own (an autocast); `options` go to `anchors.generate` (compile=True)."""
     vocab = model.config.vocab_size
     torch.manual_seed(0)
     contexts = [torch.randint(3, vocab, (40,)) for _ in range(rows)]
     times = []
     for i in range(repeats + 1):
         began = time.perf_counter()
-        out = generate(model, contexts, pad_id=0, eos_id=vocab, max_new_tokens=tokens, temperature=1.0, top_k=0,
-                       top_p=1.0, seed=i)
+        with context():
+            out = generate(model, contexts, pad_id=0, eos_id=vocab, max_new_tokens=tokens, temperature=1.0,
+                           top_k=0, top_p=1.0, seed=i, **options)
         times.append(time.perf_counter() - began)
         assert all(len(o) == tokens for o in out), "a row stopped early"
     return statistics.median(times[1:])
