@@ -79,6 +79,7 @@ def test_autocast_weights_casts_each_linear_once_and_gives_the_memory_back():
 
 
 def test_autocast_weights_leaves_the_model_where_there_is_nothing_to_cast():
+    """No autocast, fp32 autocast, bf16 weights, or frozen fp32 ones (autocast keeps no cast of those either)."""
     model = llama()
     with autocast_weights(model, None) as sampler:
         assert sampler is model
@@ -87,12 +88,16 @@ def test_autocast_weights_leaves_the_model_where_there_is_nothing_to_cast():
     half = llama().to(BF16)
     with autocast_weights(half, BF16) as sampler:
         assert sampler is half
+    frozen = llama().requires_grad_(False)
+    with autocast_weights(frozen, BF16) as sampler:
+        assert sampler is frozen
 
 
 @pytest.mark.parametrize("kind", ["tied", "lora"])
 def test_autocast_weights_keeps_tied_embeddings_and_lora_adapters_exact(kind):
-    """Tied embeddings: the lm_head's cast is the twin's, the lookup keeps the fp32 table. LoRA: the base layer and
-    both adapter matrices cast, the adapter's scaling and sum as PEFT computes them."""
+    """Tied embeddings: the lm_head's cast is the twin's, the lookup keeps the fp32 table. LoRA: both adapter
+    matrices cast, the frozen base weights left to autocast (which casts them at every call and keeps nothing), the
+    adapter's scaling and sum as PEFT computes them."""
     from omegaconf import OmegaConf
 
     from tidpo_cli.modeling import add_lora
@@ -113,8 +118,11 @@ def test_autocast_weights_keeps_tied_embeddings_and_lora_adapters_exact(kind):
             got = twin(input_ids=IDS).logits
             if kind == "tied":
                 assert twin.lm_head.weight.dtype == BF16 and twin.model.embed_tokens.weight.dtype == torch.float32
-            else:
-                assert sum(t.weight.dtype == BF16 for t in linears(twin)) == len(linears(model))
+            else:  # autocast caches only trainable weights: the frozen base ones stay as they are (no memory)
+                adapters = [t for t, m in zip(linears(twin), linears(model)) if m.weight.requires_grad]
+                assert len(adapters) == 8 and all(t.weight.dtype == BF16 for t in adapters)  # 2 layers x q, v x A, B
+                assert all(t.weight is m.weight for t, m in zip(linears(twin), linears(model))
+                           if not m.weight.requires_grad)
     assert torch.equal(got, expected)
 
 

@@ -44,19 +44,26 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def cached_by_autocast(p: torch.Tensor | None) -> bool:
+    """Whether autocast keeps its cast of `p` for the rest of its block: an fp32 leaf that requires grad (a
+    trainable weight; a frozen one, as LoRA's base weights, is cast anew at every call)."""
+    return p is not None and p.dtype == torch.float32 and p.requires_grad and p.is_leaf
+
+
 @contextmanager
 def autocast_weights(model: torch.nn.Module, dtype: torch.dtype | None):
-    """`model` to sample from under autocast to `dtype`: a twin whose fp32 `nn.Linear` weights and biases are cast
-    to `dtype` once, on entering; `model` itself where `dtype` is None or no Linear holds fp32 weights.
+    """`model` to sample from under autocast to `dtype`: a twin whose `nn.Linear` weights and biases that autocast
+    would cache are cast to `dtype` once, on entering; `model` itself where `dtype` is None or nothing is cast.
 
-    Eager autocast casts a Linear's fp32 weight on its first call and keeps the cast until the autocast block ends,
-    so a generation's tokens reuse it; a compiled decode step has no such cache and casts every weight again for
-    every token (measured on the CPU: 4x the eager step's time on a 50 M-parameter Llama, docs/benchmarks.md). The
-    twin hands both paths the casts autocast would make, the same numbers (`tests/test_anchors.py`) for the same
-    memory, which is given back on leaving. The twin's modules persist on `model`, so a compiled step sees the
-    same modules at every generation and compiles once."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
-    if dtype is None or dtype == torch.float32 or not linears:
+    Eager autocast casts a trainable fp32 weight at its first call and keeps the cast until the autocast block
+    ends, so a generation's tokens reuse it; a compiled decode step has no such cache and casts every weight again
+    for every token (measured on the CPU: 4x the step with the casts made once on a 52 M-parameter Llama,
+    docs/benchmarks.md). The twin hands both paths the casts autocast's cache would hold: the same numbers
+    (`tests/test_anchors.py`), the same memory, given back on leaving. The twin's modules persist on `model`, so a
+    compiled step sees the same modules at every generation and compiles once."""
+    if dtype is None or dtype == torch.float32 or not any(
+            cached_by_autocast(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
+            for p in m._parameters.values()):
         yield model
         return
     twin = model.__dict__.get("_tidpo_autocast_twin")
@@ -65,8 +72,7 @@ def autocast_weights(model: torch.nn.Module, dtype: torch.dtype | None):
     pairs = [(t, m) for t, m in zip(twin.modules(), model.modules()) if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         for t, m in pairs:
-            t._parameters = {k: None if p is None else p.detach().to(dtype) if p.dtype == torch.float32 else p
-                             for k, p in m._parameters.items()}
+            t._parameters = {k: p.detach().to(dtype) if cached_by_autocast(p) else p for k, p in m._parameters.items()}
     try:
         yield twin.train(model.training)
     finally:
