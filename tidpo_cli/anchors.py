@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from omegaconf import DictConfig
 from transformers import (CompileConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
@@ -151,11 +153,12 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
     after `max_new_tokens`. Dropout is off while sampling; the model's mode is restored. Reproducible, and each
     row on its own (`RowSeededDraw`): `seed` is one per context, or one int from which row i takes seed + i; the
     global RNG is not disturbed. Under ZeRO-3 `zero3_weights` says how the partitioned weights are had
-    (distributed.generation_model). Under autocast the Linear weights are cast once for the whole generation
-    (twin.autocast_weights), as eager autocast's own cache does.
+    (distributed.generation_model).
 
     `compile`: HF's static KV cache and compiled decode step, the rows padded with dummy rows to a bucket; the
-    same samples as without, up to the compiled kernels' rounding. Eager under ZeRO-3's per-layer gathering."""
+    same samples as without, up to the compiled kernels' rounding. Eager under ZeRO-3's per-layer gathering.
+    Under autocast it runs on a twin whose Linear weights hold their casts (twin.autocast_weights), the casts
+    eager autocast keeps in its cache for a generation."""
     real = len(contexts)
     rows = row_bucket(real) if compile else real
     length = max(len(c) for c in contexts) + max_new_tokens
@@ -164,19 +167,19 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
     model.eval()
     devices = [device.index or 0] if device.type == "cuda" else []
     try:
-        with generation_model(model, zero3_weights, rows=rows, length=length) as (gathered, synced), \
-                autocast_weights(gathered, autocast_dtype(device.type)) as sampler, \
+        with generation_model(model, zero3_weights, rows=rows, length=length) as (sampler, synced), \
                 torch.random.fork_rng(devices=devices):
             compiled = compile and not per_layer_gathering(model)
             ids, mask = left_pad(contexts + contexts[:1] * (rows - real) if compiled else contexts, pad_id)
             seeds = torch.tensor(seed if isinstance(seed, list) else [seed + i for i in range(real)])
-            out = sampler.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-                synced_gpus=synced,
-                logits_processor=sampling_processors(temperature, top_k, top_p, seeds, ids.shape[1]),
-                **(static_cache(length, real) if compiled else {}),
-            )
+            with autocast_weights(sampler, autocast_dtype(device.type)) if compiled else nullcontext(sampler) as s:
+                out = s.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                    synced_gpus=synced,
+                    logits_processor=sampling_processors(temperature, top_k, top_p, seeds, ids.shape[1]),
+                    **(static_cache(length, real) if compiled else {}),
+                )
     finally:
         model.train(was_training)
     continuations = []

@@ -1,5 +1,5 @@
 """Second module trees over a model's own weights, for sampling the anchors: one without ZeRO-3's hooks
-(`hookless_twin`), and one whose Linear weights are cast once to autocast's precision (`autocast_weights`)."""
+(`hookless_twin`), and one whose Linear weights hold their casts to autocast's precision (`autocast_weights`)."""
 
 from __future__ import annotations
 
@@ -52,29 +52,35 @@ def cached_by_autocast(p: torch.Tensor | None) -> bool:
 
 @contextmanager
 def autocast_weights(model: torch.nn.Module, dtype: torch.dtype | None):
-    """`model` to sample from under autocast to `dtype`: a twin whose `nn.Linear` weights and biases that autocast
-    would cache are cast to `dtype` once, on entering; `model` itself where `dtype` is None or nothing is cast.
+    """`model` for a compiled decode step under autocast to `dtype`: a twin whose `nn.Linear` weights and biases
+    that autocast would cache hold their casts to `dtype`, copied from `model` on entering; `model` itself where
+    `dtype` is None or nothing is cast.
 
     Eager autocast casts a trainable fp32 weight at its first call and keeps the cast until the autocast block
-    ends, so a generation's tokens reuse it; a compiled decode step has no such cache and casts every weight again
-    for every token (measured on the CPU: 4x the step with the casts made once on a 52 M-parameter Llama,
-    docs/benchmarks.md). The twin hands both paths the casts autocast's cache would hold: the same numbers
-    (`tests/test_anchors.py`), the same memory, given back on leaving. The twin's modules persist on `model`, so a
-    compiled step sees the same modules at every generation and compiles once."""
+    ends, so a generation's tokens reuse it. A compiled decode step has no such cache and casts every weight again
+    for every token: measured on the CPU, 4x the step with the casts made once on a 52 M-parameter Llama
+    (docs/benchmarks.md). The twin hands the compiled step the casts autocast's cache would hold, so the numbers
+    are the same (`tests/test_anchors.py`). Its modules and its casts persist on `model`, refreshed in place at
+    every generation, so the compiled step (and a CUDA graph of it) sees the same modules and the same tensors at
+    the same addresses every time, and compiles once. Their cost: the casts are kept between generations, half of
+    the fp32 Linear weights' memory in bf16."""
     if dtype is None or dtype == torch.float32 or not any(
             cached_by_autocast(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
             for p in m._parameters.values()):
         yield model
         return
     twin = model.__dict__.get("_tidpo_autocast_twin")
-    if twin is None:  # in __dict__, not registered as a submodule: the twin is no part of the model
+    if twin is None or twin.dtype_of_casts != dtype:  # in __dict__, not a submodule: the twin is no part of model
         twin = model.__dict__["_tidpo_autocast_twin"] = hookless_twin(model, set())
-    pairs = [(t, m) for t, m in zip(twin.modules(), model.modules()) if isinstance(m, torch.nn.Linear)]
+        twin.dtype_of_casts = dtype
+        for t, m in zip(twin.modules(), model.modules()):
+            if isinstance(m, torch.nn.Linear):
+                t._parameters = {k: torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
+                                 if cached_by_autocast(p) else p for k, p in m._parameters.items()}
     with torch.no_grad():
-        for t, m in pairs:
-            t._parameters = {k: p.detach().to(dtype) if cached_by_autocast(p) else p for k, p in m._parameters.items()}
-    try:
-        yield twin.train(model.training)
-    finally:
-        for t, m in pairs:
-            t._parameters = dict(m._parameters)
+        for t, m in zip(twin.modules(), model.modules()):
+            if isinstance(m, torch.nn.Linear):
+                for k, p in m._parameters.items():
+                    if t._parameters[k] is not p:
+                        t._parameters[k].copy_(p)  # the cast, into the same storage as last time
+    yield twin.train(model.training)

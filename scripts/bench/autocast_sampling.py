@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What sampling the anchors under bf16 autocast (`trainer.precision=bf16` without DeepSpeed: fp32 weights) costs
-on this CPU, one process, one thread, eager and compiled (`loss.anchor.compile=true`), with the Linear weights cast
-once for the generation (tidpo's `twin.autocast_weights`) and without it (each call casting the fp32 weights, as
-before it: eager autocast's cache makes that one cast a generation; a compiled decode step casts every token).
+on this CPU, one process, one thread: eager (autocast's cache casts each weight once a generation), and compiled
+(`loss.anchor.compile=true`) with the Linear weights' casts held by tidpo's twin (`twin.autocast_weights`) and
+without it, as before the twin (the compiled step then casts every weight for every token).
 
     python scripts/bench/autocast_sampling.py        # writes bench-autocast-sampling.json, prints a table
 
@@ -10,10 +10,9 @@ Two Llamas built from config, random init from seed 0, byte-level vocabulary: th
 scripts/bench/distributed.py (hidden 256, 4 layers: 3.3 M parameters) and a wider one (hidden 1024,
 intermediate 2816, 4 layers, 8 heads: 51.9 M). 4 rows of 40-token contexts, BENCH_TOKENS (21) tokens each (as
 scripts/bench/sampling.py: the EOS id is outside the vocabulary). Each figure is the median of BENCH_REPEATS (5)
-generations after an untimed one (which pays the compile), each under an autocast of its own as in training (so
-eager autocast casts each weight once a generation), the settings taken in turn BENCH_ROUNDS (2) times;
-`same tokens` says whether the generation of seed 0 drew the same tokens with and without the cast-once twin.
-BENCH_MODELS (bench,wide) picks the models, BENCH_OUT the JSON's path.
+generations after an untimed one (which pays the compile), each under an autocast of its own as in training, the
+settings taken in turn BENCH_ROUNDS (2) times; `same tokens` says whether the compiled generation of seed 0 drew
+the same tokens with and without the twin. BENCH_MODELS (bench,wide) picks the models, BENCH_OUT the JSON's path.
 """
 
 from __future__ import annotations
@@ -51,7 +50,10 @@ def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-WEIGHTS = {"cast once": anchors.autocast_weights, "cast per call": lambda model, dtype: nullcontext(model)}
+# path -> (compile, the weights' casts)
+PATHS = {"eager": (False, anchors.autocast_weights),
+         "compiled, casts held": (True, anchors.autocast_weights),
+         "compiled, cast every token": (True, lambda model, dtype: nullcontext(model))}
 
 
 def tokens_of(model, tokens: int, compile: bool) -> list[torch.Tensor]:
@@ -76,23 +78,22 @@ def main() -> None:
             torch.manual_seed(0)
             model = build_tiny_llama(config, build_byte_tokenizer())
             parameters[name] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-            for path, compile in (("eager", False), ("compiled", True)):
-                drawn = {}
-                for weights, context in WEIGHTS.items():
-                    anchors.autocast_weights = context
-                    key = f"{name}|{path}|{weights}"
-                    began = time.perf_counter()
-                    with bf16():
-                        drawn[weights] = tokens_of(model, tokens, compile)  # pays the compile
-                    first[key] = time.perf_counter() - began
-                same[f"{name}|{path}"] = all(torch.equal(a, b) for a, b in zip(*drawn.values()))
-                for _ in range(rounds):
-                    for weights, context in WEIGHTS.items():
-                        anchors.autocast_weights = context
-                        cells.setdefault(f"{name}|{path}|{weights}", []).append(
-                            timed(model, ROWS, tokens, repeats, context=bf16, compile=compile))
+            drawn = {}
+            for path, (compile, weights) in PATHS.items():
+                anchors.autocast_weights = weights
+                began = time.perf_counter()
+                with bf16():
+                    drawn[path] = tokens_of(model, tokens, compile)  # pays the compile
+                first[f"{name}|{path}"] = time.perf_counter() - began
+            same[name] = all(torch.equal(a, b) for a, b in zip(drawn["compiled, casts held"],
+                                                                drawn["compiled, cast every token"]))
+            for _ in range(rounds):
+                for path, (compile, weights) in PATHS.items():
+                    anchors.autocast_weights = weights
+                    cells.setdefault(f"{name}|{path}", []).append(
+                        timed(model, ROWS, tokens, repeats, context=bf16, compile=compile))
     finally:
-        anchors.autocast_weights = WEIGHTS["cast once"]
+        anchors.autocast_weights = PATHS["eager"][1]
     seconds = {k: statistics.median(v) for k, v in cells.items()}
     result = {"settings": {"models": models, "parameters_m": parameters, "rows": ROWS, "tokens": tokens, "context": 40,
                            "repeats": repeats, "rounds": rounds, "threads": 1, "autocast": "cpu bfloat16",
@@ -100,12 +101,12 @@ def main() -> None:
                            "versions": versions(("torch", "transformers"))},
               "seconds": seconds, "rounds_s": cells, "first_generation_s": first, "same_tokens": same}
     Path(os.environ.get("BENCH_OUT", "bench-autocast-sampling.json")).write_text(json.dumps(result, indent=2) + "\n")
-    print("| model | decoding | weights | generation (s) | per token (ms) | first generation (s) | same tokens |\n"
-          "|---|---|---|---:|---:|---:|---|")
+    print("| model | sampling | generation (s) | per token (ms) | first generation (s) |\n|---|---|---:|---:|---:|")
     for key, s in seconds.items():
-        name, path, weights = key.split("|")
-        print(f"| {name} ({parameters[name]} M) | {path} | {weights} | {s:.3f} | {1000 * s / tokens:.2f} | "
-              f"{first[key]:.1f} | {'yes' if same[f'{name}|{path}'] else 'no'} |")
+        name, path = key.split("|")
+        print(f"| {name} ({parameters[name]} M) | {path} | {s:.3f} | {1000 * s / tokens:.2f} | {first[key]:.1f} |")
+    print("compiled, the same tokens with and without the twin: "
+          + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in same.items()))
 
 
 if __name__ == "__main__":
