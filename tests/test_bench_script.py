@@ -337,13 +337,15 @@ def test_autocast_sampling_bench_writes_every_cell_and_the_same_tokens(tmp_path)
 def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
     """gpu_summary.py on hand-written rows: after a warm-up of 1, dpo's pairs/s 8, 16, 10 give a median step of
     0.8 s (8 pairs over 10 pairs/s) and tokens/s 2000; MFU is 8 x 1.5M parameters x 2000 tokens/s over 1 TFLOP/s.
-    A row without metrics (failed or skipped) is left out; the eval rows are not steps."""
+    A row without metrics (failed or skipped) is left out; the eval rows are not steps. Torch's CUDA-graph
+    re-recordings are counted from the row's log."""
     logs, out = tmp_path / "logs", tmp_path / "out"
     logs.mkdir(), out.mkdir()
     (out / "checks.txt").write_text("bench_dpo ok (30 s)\nbench_tidpo skipped (BUDGET_S=1)\n")
     (out / "gpu.txt").write_text("NVIDIA H200, 143771 MiB\n")
     (logs / "dpo.log").write_text("model: a Llama, 1.50M parameters (1.50M trainable), on cuda\n"
-                                  "trainer.share_prompt=auto: one row per response\n")
+                                  "trainer.share_prompt=auto: one row per response\n"
+                                  + "V1203 cudagraph_trees.py:2312] [0/1] Re-recording function=forward, mode=...\n" * 2)
     steps = [(4, 500, 3.0), (8, 1000, 2.0), (16, 3000, 2.5), (10, 2000, 2.0)]
     rows = [{"loss": 0.69, "perf/samples_per_s": s, "perf/tokens_per_s": t, "perf/peak_mem_gb": m} for s, t, m in steps]
     rows.insert(2, {"eval/loss": 0.7})
@@ -359,6 +361,7 @@ def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
     assert dpo["step_s"] == pytest.approx(0.8) and dpo["first_step_s"] == pytest.approx(2.0)
     assert dpo["peak_mem_gb"] == 3.0 and dpo["mfu_dpo_flops"] == pytest.approx(8 * 1.5e6 * 2000 / 1e12)
     assert dpo["share_prompt_auto"] == "one row per response" and dpo["step_time_vs_dpo"] == 1.0
+    assert dpo["cudagraph_rerecords"] == 2 and got["runs"]["faster"]["cudagraph_rerecords"] == 0  # no log
     assert got["runs"]["faster"]["step_time_vs_dpo"] == pytest.approx(0.5)
     assert "tidpo" not in got["runs"]
 

@@ -41,6 +41,9 @@ RUNS=$(mktemp -d)
 START=$SECONDS  # BUDGET_S counts from here, the checks included
 HERE=$(dirname "$0")
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# torch's CUDA-graph log into each row's log: a compiled decode step whose weights sit at new addresses at every
+# generation (ZeRO-3's gathered weights) is recorded anew each time; the summary counts those re-recordings.
+export TORCH_LOGS=${TORCH_LOGS:-cudagraphs}
 train() { "$PY" -m tidpo_cli.cli train trainer.device="$DEVICE" trainer.precision=bf16 logger.progress=plain "$@"; }
 status() { printf '%s %s\n' "$1" "$2" | tee -a "$OUT/checks.txt"; }
 

@@ -8,7 +8,8 @@ LOGS holds NAME.jsonl (the row's metrics.jsonl) and NAME.log for each row that r
 checks.txt. Per row: the medians over the steps after WARMUP of tokens/s, pairs/s and step time (PAIRS pairs a
 step over pairs/s), peak GPU memory, model-FLOPs utilisation counted as 8 x parameters per token (policy forward
 and backward, reference forward: DPO's work) against PEAK_TFLOPS, trainer.share_prompt=auto's timings as the log
-gave them, and the step time over `dpo`'s.
+gave them, how often torch re-recorded a CUDA graph (its `cudagraphs` log, which gpu.sh turns on), and the step
+time over `dpo`'s.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def row(logs: Path, name: str, warmup: int, peak: float, params: float | None) -
         return None
     tokens = statistics.median(r["perf/tokens_per_s"] for r in steady)
     log = logs / f"{name}.log"
+    lines = log.read_text().splitlines() if log.exists() else []
     return {
         "steps_measured": len(steady),
         "tokens_per_s": tokens,
@@ -49,9 +51,9 @@ def row(logs: Path, name: str, warmup: int, peak: float, params: float | None) -
         "first_step_s": PAIRS / rows[0]["perf/samples_per_s"],
         "peak_mem_gb": max(r.get("perf/peak_mem_gb", 0) for r in rows),
         "mfu_dpo_flops": 8 * params * tokens / peak if params else None,
-        "share_prompt_auto": next((line.split("trainer.share_prompt=auto: ", 1)[1]
-                                   for line in (log.read_text().splitlines() if log.exists() else [])
+        "share_prompt_auto": next((line.split("trainer.share_prompt=auto: ", 1)[1] for line in lines
                                    if "trainer.share_prompt=auto: " in line), None),
+        "cudagraph_rerecords": sum("Re-recording" in line for line in lines),
     }
 
 
