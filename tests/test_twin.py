@@ -83,6 +83,21 @@ def test_autocast_weights_holds_each_linears_cast_in_the_same_storage_at_every_g
             assert torch.equal(again(input_ids=IDS).logits, expected)  # the new weights' casts, in place
 
 
+def test_autocast_weights_to_another_precision_lets_the_old_casts_go():
+    import gc
+    import weakref
+
+    model = llama()
+    with autocast_weights(model, BF16) as bf16:
+        pass
+    old = weakref.ref(bf16)
+    del bf16
+    with autocast_weights(model, torch.float16) as fp16:
+        assert all(t.weight.dtype == torch.float16 for t in linears(fp16))
+    gc.collect()
+    assert old() is None
+
+
 def test_autocast_weights_leaves_the_model_where_there_is_nothing_to_cast():
     """No autocast, fp32 autocast, bf16 weights, or frozen fp32 ones (autocast keeps no cast of those either)."""
     model = llama()
