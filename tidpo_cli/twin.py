@@ -64,24 +64,25 @@ def autocast_weights(model: torch.nn.Module, dtype: torch.dtype | None):
     every generation, so the compiled step (and a CUDA graph of it) sees the same modules and the same tensors at
     the same addresses every time, and compiles once. Their cost: the casts are kept between generations, half of
     the fp32 Linear weights' memory in bf16."""
-    if dtype is None or dtype == torch.float32 or not any(
-            cached_by_autocast(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
-            for p in m._parameters.values()):
+    if dtype is None or dtype == torch.float32:
         yield model
         return
-    twin = model.__dict__.get("_tidpo_autocast_twin")
-    if twin is None or twin.dtype_of_casts != dtype:  # in __dict__, not a submodule: the twin is no part of model
+    twin, casts = model.__dict__.get("_tidpo_autocast_twin", (None, []))
+    if twin is None or casts[0][0].dtype != dtype:
+        if not any(cached_by_autocast(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
+                   for p in m._parameters.values()):
+            yield model
+            return
         model.__dict__.pop("_tidpo_autocast_twin", None)  # else the new twin's copy of __dict__ would keep it alive
-        twin = model.__dict__["_tidpo_autocast_twin"] = hookless_twin(model, set())
-        twin.dtype_of_casts = dtype
-        for t, m in zip(twin.modules(), model.modules()):
-            if isinstance(m, torch.nn.Linear):
-                t._parameters = {k: torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
-                                 if cached_by_autocast(p) else p for k, p in m._parameters.items()}
-    with torch.no_grad():
+        twin, casts = hookless_twin(model, set()), []
         for t, m in zip(twin.modules(), model.modules()):
             if isinstance(m, torch.nn.Linear):
                 for k, p in m._parameters.items():
-                    if t._parameters[k] is not p:
-                        t._parameters[k].copy_(p)  # the cast, into the same storage as last time
+                    if cached_by_autocast(p):  # the twin's own storage for the cast: t._parameters is its copy
+                        t._parameters[k] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
+                        casts.append((t._parameters[k], p))
+        model.__dict__["_tidpo_autocast_twin"] = twin, casts  # in __dict__, not a submodule: no part of the model
+    with torch.no_grad():
+        for cast, p in casts:
+            cast.copy_(p)  # the cast, into the same storage as last time
     yield twin.train(model.training)
