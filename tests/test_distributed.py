@@ -395,3 +395,19 @@ def test_zero3_compiled_sampling_on_the_twin_draws_the_eager_anchors_and_compile
     out = json.loads(result.stdout.split("RESULT")[-1])
     assert out == {"same_anchors": True, "compiled": True, "same_anchors_after_a_step": True, "no_recompile": True,
                    "trace_after_step": True, "partitioned": True}
+
+
+def test_a_command_leaves_its_process_group_before_the_process_ends(tmp_path):
+    """`tidpo train` under DeepSpeed joins a process group (one of one here, gloo); the command destroys it at its
+    end, rather than leaving it to the interpreter's exit (distributed.close)."""
+    from helpers import QUICK
+
+    code = ("import sys, torch; from tidpo_cli.cli import main; main(sys.argv[1:]); "
+            "print('GROUP', torch.distributed.is_initialized())")
+    args = ["train", "loss=dpo", *QUICK, "deepspeed=zero2", "trainer.save_final=false", "trainer.eval_before=false",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2" in (tmp_path / "run" / "train.log").read_text()  # it did join a group
+    assert "GROUP False" in result.stdout

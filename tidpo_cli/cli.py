@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tidpo: error: interrupted (Ctrl-C) during tidpo {command}; what was saved before is kept",
               file=sys.stderr)
         raise SystemExit(130) from None
+    from .distributed import close
+
+    close()
 
 
 def _dispatch(command: str, args: list[str]) -> None:
