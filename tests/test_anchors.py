@@ -302,3 +302,47 @@ def test_anchors_are_sampled_in_the_precision_of_the_forwards(tmp_path, monkeypa
                           "trainer.save_final=false", "trainer.eval_before=false"]), tmp_path)
     assert len(seen) == 2  # one generation a step
     assert set(seen) == ({(True, torch.bfloat16)} if precision == "bf16" else {(False, torch.bfloat16)})
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser on Python ints (Steele, Lea and Flood 2014; the constants of Vigna's splitmix64.c)."""
+    m = (1 << 64) - 1
+    z = (z * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_the_draws_noise_is_the_hash_of_seed_token_and_entry():
+    """Each noise value is u = (top 53 bits of splitmix(splitmix(seed * 1000003 + token) + entry) + 0.5) / 2^53
+    and the draw adds -log(-log u), computed here on Python ints, one value at a time."""
+    import math
+
+    from tidpo_cli.anchors import RowSeededDraw
+
+    seeds, tokens, vocab = torch.tensor([0, 7, 123456789]), torch.tensor([0, 1, 5]), 40
+    noise = RowSeededDraw.noise(seeds, tokens, vocab)
+    assert noise.shape == (3, 3, vocab) and noise.dtype == torch.float64
+    m = (1 << 64) - 1
+    for r, seed in enumerate(seeds.tolist()):
+        for t, token in enumerate(tokens.tolist()):
+            for entry in (0, 1, 17, vocab - 1):
+                key = _splitmix64((_splitmix64(seed * 1_000_003 + token) + entry) & m)
+                u = ((key >> 11) + 0.5) * 2.0 ** -53
+                assert math.isclose(float(noise[r, t, entry]), math.log(-math.log(u)), rel_tol=1e-14, abs_tol=1e-15)
+
+
+@pytest.mark.parametrize("tokens_a_block", [1, 3])
+def test_hashing_the_noise_a_block_of_tokens_at_once_draws_what_one_token_at_a_time_draws(monkeypatch,
+                                                                                        tokens_a_block):
+    """The draw hashes the noise of several tokens at once; blocks of 1 and 3 tokens (and one for the whole
+    generation) give the same anchors, and the same as a generation of fewer tokens up to its end."""
+    from tidpo_cli.anchors import RowSeededDraw
+
+    m = model()
+    whole = sample(m, 4, max_new_tokens=10)
+    rows, vocab = len(CONTEXTS), m.config.vocab_size
+    monkeypatch.setattr(RowSeededDraw, "BLOCK", rows * vocab * tokens_a_block)
+    assert same(sample(m, 4, max_new_tokens=10), whole)
+    shorter = sample(m, 4, max_new_tokens=4)
+    assert all(torch.equal(s, w[:len(s)]) for s, w in zip(shorter, whole))

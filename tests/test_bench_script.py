@@ -298,8 +298,9 @@ def test_reference_cache_agreement_reads_each_job_s_per_step_losses(tmp_path):
 
 
 def test_sampling_bench_writes_every_cell(tmp_path):
-    """scripts/bench/sampling.py, shortened: a JSON with the four cells (torch's and ZeRO-3's linear, 4 and 8 rows),
-    every generation of full length (the script checks that)."""
+    """scripts/bench/sampling.py, shortened: a JSON with the four cells (torch's and ZeRO-3's linear, 4 and 8 rows)
+    and the draw's six (noise a block or a token at a time, no draw; 4 and 8 rows), every generation of full length
+    (the script checks that)."""
     import os
     import subprocess
 
@@ -308,10 +309,15 @@ def test_sampling_bench_writes_every_cell(tmp_path):
                             env={**os.environ, "BENCH_TOKENS": "2", "BENCH_REPEATS": "1",
                                  "BENCH_ROUNDS": "1", "BENCH_OUT": str(out)})
     assert result.returncode == 0, result.stderr[-2000:]
-    seconds = json.loads(out.read_text())["seconds"]
+    got = json.loads(out.read_text())
+    seconds, draws = got["seconds"], got["draw"]["seconds"]
     assert sorted(seconds) == ["torch 4", "torch 8", "zero3 4", "zero3 8"]
-    assert all(s > 0 for s in seconds.values())
-    assert result.stdout.count("\n| ") == 5  # the header's rule and four rows
+    assert sorted(draws) == ["block 4", "block 8", "none 4", "none 8", "token 4", "token 8"]
+    assert got["draw"]["warpers"] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+    assert all(s > 0 for s in [*seconds.values(), *draws.values()])
+    assert "| `F.linear` |" in result.stdout and "\n| warpers and draw |" in result.stdout
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]  # a rule starts "|-"
+    assert len(table_lines) == 2 + 4 + 6  # the two headers and every row
 
 
 

@@ -92,30 +92,48 @@ class RowSeededDraw(LogitsProcessor):
     argmax(scores + Gumbel noise), which samples exactly from softmax(scores); the noise of a (row, token,
     vocabulary entry) is a hash of the row's own seed, how many tokens it has generated, and the entry. A row's
     anchor then depends on its context and seed alone. Runs last: `scores` are the warped ones (temperature,
-    top-k, top-p); the chosen entry is returned as 0 and every other as -inf, so HF's own draw can only pick it."""
+    top-k, top-p); the chosen entry is returned as 0 and every other as -inf, so HF's own draw can only pick it.
 
-    def __init__(self, row_seeds: torch.Tensor, context_width: int):
-        self.row_seeds, self.context_width = row_seeds, context_width
+    The noise is hashed for a block of tokens at once (at most `BLOCK` values, and no further than `max_new_tokens`),
+    not token by token: the same values, in a few tensor operations a block instead of some thirty a token, which
+    is what the draw's cost is made of on small vocabularies and on a GPU, where each is a kernel launch."""
+
+    BLOCK = 1 << 22  # noise values hashed at once (32 MB in float64)
+
+    def __init__(self, row_seeds: torch.Tensor, context_width: int, max_new_tokens: int = 1):
+        self.row_seeds, self.context_width, self.max_new_tokens = row_seeds, context_width, max_new_tokens
+        self._noise, self._first = None, 0  # log(-log(u)) [rows, tokens, vocab] for tokens _first.. of the block
+
+    @staticmethod
+    def noise(seeds: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+        """log(-log(u)) [rows, tokens, vocab] of each row's seed at each generated-token index, u in (0, 1):
+        minus the Gumbel noise."""
+        entries = torch.arange(vocab, device=seeds.device)
+        keys = mix64(mix64(seeds[:, None] * 1_000_003 + tokens[None, :])[:, :, None] + entries)
+        uniform = (((keys >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53
+        return torch.log(-torch.log(uniform))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        seeds = self.row_seeds.to(scores.device)
-        seeds = torch.cat([seeds, seeds[:1].expand(scores.shape[0] - len(seeds))])  # dummy rows: any seed
         token = input_ids.shape[1] - self.context_width
-        entries = torch.arange(scores.shape[1], device=scores.device)
-        keys = mix64(mix64(seeds * 1_000_003 + token)[:, None] + entries[None, :])
-        uniform = (((keys >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53  # in (0, 1)
-        choice = (scores.double() - torch.log(-torch.log(uniform))).argmax(dim=-1)
+        rows, vocab = scores.shape
+        if self._noise is None or not 0 <= token - self._first < self._noise.shape[1] or self._noise.shape[0] != rows:
+            seeds = self.row_seeds.to(scores.device)
+            seeds = torch.cat([seeds, seeds[:1].expand(rows - len(seeds))])  # dummy rows: any seed
+            span = max(1, min(self.BLOCK // (rows * vocab), self.max_new_tokens - token))
+            self._noise, self._first = self.noise(seeds, torch.arange(token, token + span, device=scores.device),
+                                                  vocab), token
+        choice = (scores.double() - self._noise[:, token - self._first]).argmax(dim=-1)
         return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
 
 
 def sampling_processors(temperature: float, top_k: int, top_p: float, row_seeds: torch.Tensor,
-                        context_width: int) -> LogitsProcessorList:
+                        context_width: int, max_new_tokens: int = 1) -> LogitsProcessorList:
     """HF's own warpers, in HF's order, then the per-row draw. Passed as `logits_processor`, with generate's own
     warpers turned off: HF runs a custom processor before its warpers, and the draw must see the warped scores."""
     warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
     warpers += [TopKLogitsWarper(top_k)] if top_k else []
     warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    return LogitsProcessorList([*warpers, RowSeededDraw(row_seeds, context_width)])
+    return LogitsProcessorList([*warpers, RowSeededDraw(row_seeds, context_width, max_new_tokens)])
 
 
 class DummyRowsDone(StoppingCriteria):
@@ -173,11 +191,14 @@ def generate(model, contexts: list[torch.Tensor], *, pad_id: int, eos_id: int, m
             ids, mask = left_pad(contexts + contexts[:1] * (rows - real) if compiled else contexts, pad_id)
             seeds = torch.tensor(seed if isinstance(seed, list) else [seed + i for i in range(real)])
             with autocast_weights(sampler, autocast_dtype(device.type)) if compiled else nullcontext(sampler) as s:
+                # Greedy over the processors' output: the draw is RowSeededDraw's, which leaves one entry finite, so
+                # HF's argmax takes it (a softmax and multinomial would too, at the cost of two more operations).
                 out = s.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    input_ids=ids, attention_mask=mask, do_sample=False, temperature=1.0, top_k=None, top_p=1.0,
                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
                     synced_gpus=synced,
-                    logits_processor=sampling_processors(temperature, top_k, top_p, seeds, ids.shape[1]),
+                    logits_processor=sampling_processors(temperature, top_k, top_p, seeds, ids.shape[1],
+                                                         max_new_tokens),
                     **(static_cache(length, real) if compiled else {}),
                 )
     finally:
