@@ -411,3 +411,14 @@ def test_a_command_leaves_its_process_group_before_the_process_ends(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeed ZeRO-2" in (tmp_path / "run" / "train.log").read_text()  # it did join a group
     assert "GROUP False" in result.stdout
+
+    # and when the command ends on an error after it joined the group: exit 2, the group gone all the same
+    code = ("import sys, torch; from tidpo_cli.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "finally:\n    print('GROUP', torch.distributed.is_initialized())")
+    missing = tmp_path / "no-such-checkpoint"
+    result = subprocess.run([sys.executable, "-c", code, *args[:-1], f"trainer.resume={missing}",
+                             f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert "GROUP False" in result.stdout

@@ -316,15 +316,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     _cpu_accelerator_for_deepspeed()
+    from .distributed import close
+
     try:
         _dispatch(command, args)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints on it: trainer.StopSignals)
         print(f"tidpo: error: interrupted (Ctrl-C) during tidpo {command}; what was saved before is kept",
               file=sys.stderr)
         raise SystemExit(130) from None
-    from .distributed import close
-
-    close()
+    finally:  # on an error's exit too, which would otherwise end in the interpreter's teardown of the group
+        close()
 
 
 def _dispatch(command: str, args: list[str]) -> None:
