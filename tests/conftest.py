@@ -1,8 +1,14 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import pytest
 
 from helpers import RUN, run_tidpo
+
+# Every process a test starts (tidpo, torchrun and its ranks) prints its Python stacks if it dies of a signal, so a
+# rank that aborts says where: in tidpo's code, in PyTorch's teardown, or with the interpreter already finalizing.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(scope="session")
