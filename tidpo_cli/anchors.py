@@ -95,7 +95,7 @@ class RowSeededDraw(LogitsProcessor):
     top-k, top-p); the chosen entry is returned as 0 and every other as -inf, so HF's own draw can only pick it.
 
     The noise is hashed for a block of tokens at once (at most `BLOCK` values, and no further than `max_new_tokens`),
-    not token by token: the same values, in a few tensor operations a block instead of some thirty a token, which
+    not token by token: the same values, in a few tensor operations a block instead of some forty a token, which
     is what the draw's cost is made of on small vocabularies and on a GPU, where each is a kernel launch."""
 
     BLOCK = 1 << 22  # noise values hashed at once (32 MB in float64)
