@@ -422,3 +422,42 @@ def test_a_command_leaves_its_process_group_before_the_process_ends(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
     assert "GROUP False" in result.stdout
+
+
+def test_a_command_that_joined_a_group_ends_without_the_interpreters_teardown(tmp_path):
+    """The process entry (`tidpo`, `python -m tidpo_cli.cli`) ends a command that joined a process group with
+    os._exit after the exit handlers, so gloo's threads, which outlive the group under DeepSpeed, are never torn
+    down with the interpreter (cli.entry): the command's status (0, or 2 on a clean error), its output flushed
+    (stdout is a pipe, block-buffered), the exit handlers run, and no object destroyed at teardown. A command
+    that joined no group ends as any Python program does."""
+    from helpers import QUICK
+
+    code = ("import atexit, sys\n"
+            "class Teardown:\n"
+            "    def __del__(self): print('TEARDOWN', flush=True)\n"
+            "sentinel = Teardown()\n"
+            "atexit.register(lambda: print('EXITFUNC'))\n"
+            "from tidpo_cli.cli import entry\n"
+            "entry()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    train = ["train", "loss=dpo", *QUICK, "deepspeed=zero2", "trainer.save_final=false", "trainer.eval_before=false"]
+    done = run(*train, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2" in (tmp_path / "run" / "train.log").read_text()  # it joined a group (of one)
+    assert "done." in done.stdout and "run dir:" in done.stdout and "EXITFUNC" in done.stdout
+    assert "TEARDOWN" not in done.stdout
+    assert [r["step"] for r in train_rows(tmp_path / "run")] == [1, 2, 3]  # every row written, whole
+
+    missing = tmp_path / "no-such-checkpoint"
+    failed = run(*train, f"trainer.resume={missing}", f"hydra.run.dir={tmp_path / 'again'}")
+    assert failed.returncode == 2 and str(missing) in failed.stderr and "Traceback" not in failed.stderr
+    assert "EXITFUNC" in failed.stdout and "TEARDOWN" not in failed.stdout
+
+    plain = run("--version")  # no group: the interpreter's own end
+    assert plain.returncode == 0 and "tidpo " in plain.stdout
+    assert "EXITFUNC" in plain.stdout and "TEARDOWN" in plain.stdout

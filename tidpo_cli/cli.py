@@ -341,5 +341,43 @@ def _dispatch(command: str, args: list[str]) -> None:
         fail(f"unknown command '{command}': expected one of: train, {', '.join(SUBCOMMANDS)} (see tidpo --help)")
 
 
+def entry() -> None:
+    """The process's entry point (`tidpo`, `python -m tidpo_cli.cli`): `main`, and then, for a command that joined a
+    process group, the end of the process without the interpreter's teardown.
+
+    Destroying a group does not end gloo's threads: DeepSpeed keeps the group objects (its engines, every ZeRO-3
+    parameter's `ds_process_group`, module globals such as `deepspeed.utils.groups._WORLD_GROUP`), so after
+    `destroy_process_group` a finished run still has gloo's worker and transport threads, and the objects go only
+    with the interpreter's teardown. That teardown is where a finished 2-process ZeRO-3 rank on this project's CPU
+    machines now and then aborted ("terminate called without an active exception", after its train.log said
+    done.), the failure PyTorch's tracker describes for gloo's threads outliving the interpreter
+    (pytorch/pytorch#179291). So such a process runs its exit handlers (logging's flush and close,
+    temporary directories, compile workers) and flushes its streams itself, then ends with `os._exit`, its exit
+    status that of the command. Everything a command writes is written and closed before that (train.log, metrics,
+    checkpoints, the run lock, wandb's run)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = exit_status(stop)
+    distributed = sys.modules.get(f"{__package__}.distributed")
+    if distributed is None or not distributed.left_a_group():
+        raise SystemExit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def exit_status(stop: SystemExit) -> int:
+    """The status Python gives a process that ends on `stop`: its code, 0 for none; a message is printed and gives 1."""
+    if stop.code is None or isinstance(stop.code, int):
+        return stop.code or 0
+    print(stop.code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    main()
+    entry()

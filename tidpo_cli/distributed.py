@@ -126,16 +126,22 @@ def setup(device: torch.device, *, deepspeed_enabled: bool = False) -> Dist:
     return Dist(rank=int(env["RANK"]), world=world, local_rank=local_rank, device=device)
 
 
+_left = False  # whether close() left a group (the process's entry, cli.entry, reads it)
+
+
+def left_a_group() -> bool:
+    return _left
+
+
 def close() -> None:
-    """Leave the process group, if this process joined one, before the process ends: PyTorch's documented way out
-    (`destroy_process_group` at the end of the program). Left to the interpreter's exit, the group is torn down
-    with it; on this project's CPU machines a rank of a finished 2-process gloo run under ZeRO-3 sometimes aborted
-    there ("terminate called without an active exception") after all its work was written. That is the failure
-    PyTorch's own tracker describes for a group left to the interpreter (pytorch/pytorch#190489, and #179291: gloo's
-    worker threads still hold work objects with tensors, freed while the interpreter is torn down). Called once, at
-    the command's end (cli.main, on an error's exit too), so a Hydra sweep's jobs in one process keep one group."""
+    """Leave the process group, if this process joined one: PyTorch's documented end of a distributed program
+    (`destroy_process_group`). Called once, at the command's end (cli.main, on an error's exit too), so a Hydra
+    sweep's jobs in one process keep one group. It does not end gloo's threads while DeepSpeed still holds the
+    group objects; how the process then ends is cli.entry's."""
+    global _left
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        _left = True
 
 
 def _free_port() -> int:
