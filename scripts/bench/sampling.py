@@ -23,8 +23,9 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
@@ -68,16 +69,6 @@ def timed(model, rows: int, tokens: int, repeats: int, context=nullcontext, warp
     return statistics.median(times[1:])
 
 
-@contextmanager
-def patched(owner, name: str, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
-
-
 def main() -> None:
     tokens = int(os.environ.get("BENCH_TOKENS", "21"))
     repeats = int(os.environ.get("BENCH_REPEATS", "7"))
@@ -87,22 +78,18 @@ def main() -> None:
     model = build_tiny_llama(MODEL_CONFIG, build_byte_tokenizer())
     options = linears()
     cells: dict[str, list[float]] = {}
-    original = torch.nn.functional.linear
-    try:
-        for _ in range(rounds):
-            for name, linear in options.items():
-                torch.nn.functional.linear = linear
+    for _ in range(rounds):
+        for name, linear in options.items():
+            with patch.object(torch.nn.functional, "linear", linear):
                 for rows in (4, 8):
                     cells.setdefault(f"{name} {rows}", []).append(timed(model, rows, tokens, repeats))
-    finally:
-        torch.nn.functional.linear = original
     draws = {}
     for _ in range(rounds):
         for rows in (4, 8):
             for name, block in (("block", RowSeededDraw.BLOCK), ("token", rows * model.config.vocab_size)):
-                with patched(RowSeededDraw, "BLOCK", block):
+                with patch.object(RowSeededDraw, "BLOCK", block):
                     draws.setdefault(f"{name} {rows}", []).append(timed(model, rows, tokens, repeats, warpers=PRESET))
-            with patched(anchors, "sampling_processors", lambda *args: LogitsProcessorList()):
+            with patch.object(anchors, "sampling_processors", lambda *args: LogitsProcessorList()):
                 draws.setdefault(f"none {rows}", []).append(timed(model, rows, tokens, repeats))
     result = {"settings": {"model": MODEL_CONFIG, "vocab": model.config.vocab_size, "tokens": tokens, "context": 40, "repeats": repeats,
                            "rounds": rounds, "threads": 1, "machine": platform.processor() or platform.machine(),
