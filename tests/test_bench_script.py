@@ -213,6 +213,11 @@ def test_distributed_step_times_and_medians():
     # a cell: the median of its runs, failed ones left out
     assert dist.cell_step([{"step_s": 3.0}, {"error": "exit 1"}, {"step_s": 1.0}, {"step_s": 2.0}]) == 2.0
     assert dist.cell_step([{"error": "exit 1"}]) is None
+    assert dist.cell_step([{"anchor_s": 0.5}, {"anchor_s": None}, {"anchor_s": 0.3}], "anchor_s") == pytest.approx(0.4)
+    # sampling: steps 3-4 took 1.0 and 1.4 s, of which 0.2 and 0.8 sampling -> medians 0.5 and (0.8 + 0.6) / 2
+    rows = [{"perf/anchor_s": a} for a in (5.0, 5.0, 0.2, 0.8)]
+    assert dist.sampling_times(rows, [9.0, 9.0, 1.0, 1.4], 2) == pytest.approx({"anchor_s": 0.5, "rest_s": 0.7})
+    assert dist.sampling_times([{}] * 4, [9.0, 9.0, 1.0, 1.4], 2) == {"anchor_s": None, "rest_s": None}  # dpo
     line = ("[2026-12-01 10:14:56,548][INFO] model: tiny Llama (random init), 3.30M parameters (3.30M trainable), "
             "on cpu, 2 processes, DeepSpeed ZeRO-3")
     assert dist.parameters(line) == pytest.approx(3.30)
@@ -248,13 +253,14 @@ def test_distributed_ratios_checks_and_table():
     def cell(step, *runs):
         return {"step_s": step, "runs": [{"step_s": x} if x else {"error": "exit 1"} for x in runs]}
     cells = {"single": {"dpo": cell(2.0, 2.0, 2.1)},
-             "zero2": {"dpo": cell(1.0, 1.0, 1.0), "tidpo": cell(2.2, 2.1, 2.3)},
+             "zero2": {"dpo": cell(1.0, 1.0, 1.0), "tidpo": {**cell(2.2, 2.1, 2.3), "anchor_s": 0.5, "rest_s": 1.6}},
              "zero3": {"tidpo_no_triplet": cell(None, None, None)}}
     table = dist.markdown(cells, r, c)
-    assert "| setting | `loss=` | step (s) | vs `dpo` | run 1 (s) | run 2 (s) |" in table
-    assert "| single | `dpo` | 2.000 | 1.000 | 2.000 | 2.100 |" in table
-    assert "| zero2 | `tidpo` | 2.200 | 2.200 | 2.100 | 2.300 |" in table
-    assert "| zero3 | `tidpo_no_triplet` | failed | - | failed | failed |" in table
+    assert ("| setting | `loss=` | step (s) | vs `dpo` | sampling (s) | rest vs `dpo` | run 1 (s) | run 2 (s) |"
+            in table)
+    assert "| single | `dpo` | 2.000 | 1.000 | - | - | 2.000 | 2.100 |" in table
+    assert "| zero2 | `tidpo` | 2.200 | 2.200 | 0.500 | 1.600 | 2.100 | 2.300 |" in table  # 1.6 s over dpo's 1.0
+    assert "| zero3 | `tidpo_no_triplet` | failed | - | - | - | failed | failed |" in table
     assert "| zero2: tidpo step <= 2.0 x dpo | 2.200 | <= 2.0 | NO |" in table
     assert "| zero3: tidpo step <= 2.0 x dpo | 1.800 | <= 2.0 | yes |" in table
 
@@ -358,7 +364,9 @@ def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
     (logs / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (logs / "faster.jsonl").write_text("".join(json.dumps({**r, "perf/samples_per_s": 2 * r["perf/samples_per_s"]})
                                                + "\n" for r in rows if "loss" in r))
-    gpu.main([str(out), str(logs), "1", "1", "dpo", "faster", "tidpo"])
+    (logs / "sampled.jsonl").write_text("".join(json.dumps({**r, "perf/anchor_s": 0.1 * i}) + "\n"
+                                                for i, r in enumerate(x for x in rows if "loss" in x)))
+    gpu.main([str(out), str(logs), "1", "1", "dpo", "faster", "tidpo", "sampled"])
     got = json.loads((out / "gpu_bench.json").read_text())
     dpo = got["runs"]["dpo"]
     assert got["parameters"] == 1.5e6 and got["gpu"] == "NVIDIA H200, 143771 MiB"
@@ -370,6 +378,11 @@ def test_gpu_summary_medians_mfu_and_ratio(tmp_path):
     assert dpo["cudagraph_rerecords"] == 2 and got["runs"]["faster"]["cudagraph_rerecords"] == 0  # no log
     assert got["runs"]["faster"]["step_time_vs_dpo"] == pytest.approx(0.5)
     assert "tidpo" not in got["runs"]
+    assert "anchor_s" not in dpo  # no anchors sampled
+    # steps 2-4: 8/8 - 0.1, 8/16 - 0.2, 8/10 - 0.3 s besides sampling -> median 0.5 s, over dpo's 0.8 s
+    sampled = got["runs"]["sampled"]
+    assert sampled["anchor_s"] == pytest.approx(0.2) and sampled["rest_s"] == pytest.approx(0.5)
+    assert sampled["rest_vs_dpo"] == pytest.approx(0.5 / 0.8)
 
 
 def test_gpu_script_on_the_cpu_keeps_to_its_budget_and_packs_its_logs(tmp_path):

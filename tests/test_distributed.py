@@ -72,6 +72,10 @@ def test_two_processes_match_one_process(single, tmp_path, loss, zero):
                 assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-4), (a["step"], name)
     if loss == "tidpo":
         assert all(r["anchor/length"] > 0 and r["importance/max"] > 1 for r in got)
+        # Every step samples (refresh_every=1): the ranks' mean seconds, a part of the step's own time.
+        assert all(0 < r["perf/anchor_s"] < 8 / r["perf/samples_per_s"] for r in got)
+    else:
+        assert not any("perf/anchor_s" in r for r in got)  # no anchors, no figure
     evals = [r for r in rows(tmp_path / "run") if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 5]
     assert evals[-1]["eval/loss"] == pytest.approx(rows(single[loss])[-1]["eval/loss"], abs=1e-4)

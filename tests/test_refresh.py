@@ -96,6 +96,12 @@ def test_auto_picks_from_measured_sampling_and_a_resume_keeps_the_pick(tmp_path,
     state = json.loads((tmp_path / "whole" / "checkpoints" / "step-6" / "state.json").read_text())
     assert state["anchor_window"] == 3 and set(state["anchor_timings"]) == {"one", "two"}
     assert "refresh_every=auto: windows of 3 steps from step 7" in caplog.text
+    logged = {r["step"]: r for r in map(json.loads, (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    sampled = [1, 2, 4, 5, 7, 10]  # each window's first step, where its generation (0.3 s asleep and more) ran
+    assert [s for s, r in logged.items() if r["perf/anchor_s"] >= 0.3] == sampled
+    assert all(logged[s]["perf/anchor_s"] == 0.0 for s in logged if s not in sampled)
+    assert all(r["perf/anchor_s"] < 4 / r["perf/samples_per_s"] for r in logged.values())  # inside the step
 
     calls.clear()
     train(compose_config([*run, "trainer.max_steps=6"]), tmp_path / "resumed")

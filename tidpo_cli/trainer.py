@@ -329,39 +329,43 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
                  if k % dist.world == dist.rank]
         return micro, (stream.epoch, stream.position)
 
-    def sample_window(step: int, window: list[tuple[list, tuple[int, int]]]) -> None:
+    def sample_window(step: int, window: list[tuple[list, tuple[int, int]]]) -> float:
         """The anchors of every micro-batch of the window's steps in one generation: a step's micro-batches share
         the policy's weights, so this changes no anchor (each row draws on its own, anchors.RowSeededDraw), and
         takes one generation per window instead of one per micro-batch. Each micro-batch samples with the seed its
         loss would use, and in the precision of its forwards (bf16 autocast where the loss has it), as the loss
-        samples when it gets no anchors. Under refresh_every=auto, the probe's generations are timed here."""
+        samples when it gets no anchors. Returns this rank's seconds (perf/anchor_s); under refresh_every=auto,
+        the probe's generations are timed here."""
         began = time.perf_counter()
         seeds = [micro_seed(step_seed(cfg, step + k, dist.world), j, dist)
                  for k, (micro, _) in enumerate(window) for j in range(len(micro))]
         with autocast():
             attach_anchors([b for micro, _ in window for b in micro], model, cfg.loss.anchor, pad_id=ids.pad,
                            eos_id=ids.eos, max_length=ids.max_length, seeds=seeds)
-        if cfg.loss.anchor.refresh_every != "auto" or state.anchor_window is not None:
-            return
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = dist.sum([time.perf_counter() - began])[0] / dist.world  # every rank picks alike
+            torch.cuda.synchronize(device)  # the samples are done, not only queued (HF's loop syncs every token)
+        took = time.perf_counter() - began
+        if cfg.loss.anchor.refresh_every != "auto" or state.anchor_window is not None:
+            return took
+        seconds = dist.sum([took])[0] / dist.world  # every rank picks alike
         state.anchor_window = record(cfg.loss, state.anchor_timings, step, len(window), seconds)
         if state.anchor_window is not None:
             log.info("loss.anchor.refresh_every=auto: windows of %d steps from step %d (sampling one step's anchors "
                      "took %.3f s, two steps' at once %.3f s; loss.anchor.max_age=%d)", state.anchor_window,
                      PROBE_END + 1, state.anchor_timings["one"], state.anchor_timings["two"],
                      cfg.loss.anchor.max_age)
+        return took
 
     try:
         while state.step < steps:
             step = state.step + 1
             started = time.perf_counter()
             seed = step_seed(cfg, step, dist.world)
+            sampling = 0.0  # seconds this step spent sampling anchors: a window's first step samples for all of it
             if not ahead:
                 ahead = [take_step() for _ in range(window_size(cfg.loss, step, steps, state.anchor_window))]
                 if uses_anchors(cfg.loss):
-                    sample_window(step, ahead)
+                    sampling = sample_window(step, ahead)
             micro_batches, read_to = ahead.pop(0)
             sums = accumulate_gradients(model, reference, micro_batches, cfg.loss, ids, seed=seed,
                                         autocast=autocast, engine=engine, dist=dist)
@@ -384,8 +388,8 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
             state.step = step
 
             elapsed = time.perf_counter() - started
-            pairs, tokens = dist.sum([sum(b["input_ids"].shape[0] // 2 for b in micro_batches),
-                                      sum(int(b["attention_mask"].sum()) for b in micro_batches)])
+            pairs, tokens, sampling = dist.sum([sum(b["input_ids"].shape[0] // 2 for b in micro_batches),
+                                                sum(int(b["attention_mask"].sum()) for b in micro_batches), sampling])
             tracker.log_train(step, {
                 **metrics,
                 "grad_norm": grad_norm,
@@ -394,6 +398,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Dist, lock: RunLock) -> dict[st
                 "train/skipped_steps": state.skipped_steps,
                 "perf/samples_per_s": pairs / elapsed,
                 "perf/tokens_per_s": tokens / elapsed,
+                **({"perf/anchor_s": sampling / dist.world} if uses_anchors(cfg.loss) else {}),
                 "perf/rss_mb": resident_mb(),
                 **({"perf/peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
             })

@@ -27,8 +27,11 @@ once before any runs again. Ratios tidpo_no_triplet / dpo and tidpo / dpo per se
 as checks (pass / fail), under zero2 and under zero3:
   (a) each ratio at most 1.15x the same ratio in one process (distributed / single <= 1.15);
   (b) tidpo_no_triplet <= 1.35x and tidpo <= 2.0x a DPO step.
-Writes BENCH_OUT (bench-distributed.json at the repo root: machine, versions, commands, every run) and prints a
-markdown table: setting x loss, step (s), ratio vs dpo, then the checks.
+Beside them, for the losses that sample anchors, what the step spent sampling (perf/anchor_s: the ranks' mean
+seconds in the anchors' generation, the median of steps 3-8) and the rest of the step (the median of each step's
+time less its sampling) over the DPO step: what TI-DPO costs besides its sampled tokens. These are reported, not
+checked. Writes BENCH_OUT (bench-distributed.json at the repo root: machine, versions, commands, every run) and
+prints a markdown table: setting x loss, step (s), ratio vs dpo, sampling (s), rest vs dpo, then the checks.
 
 Environment knobs: BENCH_STEPS (8), BENCH_WARMUP (2), BENCH_LOSSES (dpo,tidpo_no_triplet,tidpo), BENCH_SETTINGS
 (single,zero2,zero3), BENCH_MODEL (LlamaConfig overrides, "key=value,key=value"), BENCH_REPEATS (1), BENCH_OUT,
@@ -125,10 +128,22 @@ def parameters(log: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def cell_step(runs: list[dict]) -> float | None:
-    """A cell's step time: the median over its runs' medians (failed runs left out)."""
-    times = [r["step_s"] for r in runs if r.get("step_s")]
+def cell_step(runs: list[dict], key: str = "step_s") -> float | None:
+    """A cell's step time (or another of its runs' figures, `key`): the median over its runs' medians (failed runs,
+    and runs without the figure, left out)."""
+    times = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
     return statistics.median(times) if times else None
+
+
+def sampling_times(rows: list[dict], step_s: list[float], warmup: int) -> dict[str, float | None]:
+    """What a run's steps after the warm-up spent sampling anchors (perf/anchor_s, logged by the losses that
+    sample): its median (`anchor_s`) and the median of each step's time without it (`rest_s`). None for both
+    where the rows carry no perf/anchor_s."""
+    anchor = [r["perf/anchor_s"] for r in rows if "perf/anchor_s" in r]
+    if len(anchor) != len(step_s) or len(anchor) <= warmup:
+        return {"anchor_s": None, "rest_s": None}
+    return {"anchor_s": statistics.median(anchor[warmup:]),
+            "rest_s": statistics.median(t - a for t, a in zip(step_s[warmup:], anchor[warmup:]))}
 
 
 def ratios(steps: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
@@ -185,13 +200,16 @@ def markdown(cells: dict[str, dict[str, dict]], ratio: dict[str, dict[str, float
              check: dict[str, dict]) -> str:
     f = bench._fmt
     repeats = max((len(c["runs"]) for per_loss in cells.values() for c in per_loss.values()), default=1)
-    head = ["setting", "`loss=`", "step (s)", f"vs `{BASELINE}`"] + (
+    head = ["setting", "`loss=`", "step (s)", f"vs `{BASELINE}`", "sampling (s)", f"rest vs `{BASELINE}`"] + (
         [f"run {i + 1} (s)" for i in range(repeats)] if repeats > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for setting, per_loss in cells.items():
+        base = per_loss.get(BASELINE, {}).get("step_s")
         for loss, c in per_loss.items():
             vs = 1.0 if loss == BASELINE and c["step_s"] else ratio.get(setting, {}).get(loss)
-            cols = [setting, f"`{loss}`", "failed" if c["step_s"] is None else f(c["step_s"]), f(vs)]
+            rest = c.get("rest_s") / base if c.get("rest_s") is not None and base else None
+            cols = [setting, f"`{loss}`", "failed" if c["step_s"] is None else f(c["step_s"]), f(vs),
+                    f(c.get("anchor_s")), f(rest)]
             if repeats > 1:
                 cols += ["failed" if "error" in r else f(r.get("step_s")) for r in c["runs"]]
             lines.append("| " + " | ".join(cols) + " |")
@@ -224,8 +242,10 @@ def run_cell(label: str, setting: str, loss: str, s: bench.Settings, work: Path)
     step_s = step_times(rows, s.batch)
     tokens = [round(r["perf/tokens_per_s"] * t) for r, t in zip(rows, step_s)]
     train_log = run_dir / "train.log"
-    result.update(bench.summarize(step_s, s.batch, tokens, s.warmup), steps_run=len(step_s), step_times_s=step_s,
-                  tokens_per_step_logged=tokens, losses=[r.get("loss") for r in rows],
+    result.update(bench.summarize(step_s, s.batch, tokens, s.warmup), **sampling_times(rows, step_s, s.warmup),
+                  steps_run=len(step_s), step_times_s=step_s, tokens_per_step_logged=tokens,
+                  anchor_s_logged=[r["perf/anchor_s"] for r in rows if "perf/anchor_s" in r],
+                  losses=[r.get("loss") for r in rows],
                   parameters_m=parameters(train_log.read_text()) if train_log.exists() else None)
     print(f"[distributed] {label}: step {result['step_s']:.3f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
           f"(largest process), wall {result['wall_s']:.1f} s", flush=True)
@@ -251,7 +271,7 @@ def main() -> int:
                 cells[setting][loss]["runs"].append(run_cell(label, setting, loss, s, work))
     for per_loss in cells.values():
         for c in per_loss.values():
-            c["step_s"] = cell_step(c["runs"])
+            c.update({key: cell_step(c["runs"], key) for key in ("step_s", "anchor_s", "rest_s")})
     ratio = ratios({x: {loss: c["step_s"] for loss, c in per_loss.items()} for x, per_loss in cells.items()})
     check = checks(ratio)
 

@@ -9,7 +9,8 @@ checks.txt. Per row: the medians over the steps after WARMUP of tokens/s, pairs/
 step over pairs/s), peak GPU memory, model-FLOPs utilisation counted as 8 x parameters per token (policy forward
 and backward, reference forward: DPO's work) against PEAK_TFLOPS, trainer.share_prompt=auto's timings as the log
 gave them, how often torch re-recorded a CUDA graph (its `cudagraphs` log, which gpu.sh turns on), and the step
-time over `dpo`'s.
+time over `dpo`'s; for the rows that sample anchors, the median seconds a step spent sampling (perf/anchor_s) and
+the median rest of the step over `dpo`'s step (`rest_vs_dpo`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def row(logs: Path, name: str, warmup: int, peak: float, params: float | None) -
         "tokens_per_s": tokens,
         "samples_per_s": statistics.median(r["perf/samples_per_s"] for r in steady),
         "step_s": statistics.median(PAIRS / r["perf/samples_per_s"] for r in steady),
+        # the losses that sample anchors: the step's seconds in their generation, and the rest of the step
+        **({"anchor_s": statistics.median(r["perf/anchor_s"] for r in steady),
+            "rest_s": statistics.median(PAIRS / r["perf/samples_per_s"] - r["perf/anchor_s"] for r in steady)}
+           if all("perf/anchor_s" in r for r in steady) else {}),
         "first_step_s": PAIRS / rows[0]["perf/samples_per_s"],
         "peak_mem_gb": max(r.get("perf/peak_mem_gb", 0) for r in rows),
         "mfu_dpo_flops": 8 * params * tokens / peak if params else None,
@@ -67,6 +72,8 @@ def summary(out: Path, logs: Path, warmup: int, peak_tflops: float, names: list[
     dpo = runs.get("dpo")
     for run in runs.values():
         run["step_time_vs_dpo"] = run["step_s"] / dpo["step_s"] if dpo else None
+        if "rest_s" in run:  # what the loss costs besides its sampled tokens
+            run["rest_vs_dpo"] = run["rest_s"] / dpo["step_s"] if dpo else None
     read = lambda f: (out / f).read_text() if (out / f).exists() else ""  # noqa: E731
     return {"gpu": read("gpu.txt").strip(), "parameters": params, "warmup_steps_excluded": warmup,
             "checks": read("checks.txt").splitlines(), "runs": runs}
