@@ -14,12 +14,14 @@ from tidpo_cli.errors import UserError
 from tidpo_cli.tokenizer import build_byte_tokenizer
 from tidpo_cli.trainer import train
 
-RUN = [*QUICK, "trainer.max_steps=8", "trainer.save_every=4", "trainer.keep_last=null", "trainer.lr=5e-3"]
+RUN = [*QUICK, "trainer.max_steps=8", "trainer.save_every=4", "trainer.keep_last=null", "trainer.lr=5e-3",
+       "trainer.reference_cache=auto"]
 
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
-    """A short DPO run launched as a user would (so .hydra/overrides.yaml exists)."""
+    """A short DPO run launched as a user would (so .hydra/overrides.yaml exists), with the reference cache on: the
+    evaluations below read the reference's log-probs from it (test_eval_reads_the_runs_reference_cache)."""
     root = tmp_path_factory.mktemp("eval")
     result = run_tidpo(["train", "loss=dpo", *RUN, f"hydra.run.dir={root / 'run'}"], cwd=root)
     assert result.returncode == 0, result.stderr
@@ -73,6 +75,57 @@ def test_eval_matches_a_per_pair_computation_and_the_runs_own_eval(dpo_run, tmp_
     table = (tmp_path / "e" / "eval.md").read_text()
     assert "| rewards/accuracies |" in table and str(dpo_run / "reference") in table
     assert "| rewards/accuracies |" in capsys.readouterr().out
+
+
+def test_eval_reads_the_runs_reference_cache(dpo_run, tmp_path, capsys, monkeypatch):
+    """The run filled reference_cache/ with every pair's sequences: `tidpo eval` reads them and makes no reference
+    forward, with the numbers of an evaluation that runs the reference (to float rounding: other batches). Another
+    data length is another key: scored once, written, read by the next evaluation."""
+    from tidpo_cli import evaluation
+
+    forwards = []
+    load = evaluation.load_reference
+
+    def counted(*args):
+        reference, name = load(*args)
+        reference.register_forward_pre_hook(lambda module, inputs: forwards.append(1))
+        return reference, name
+    monkeypatch.setattr(evaluation, "load_reference", counted)
+
+    def evaluated(name, *overrides):
+        forwards.clear()
+        main(["eval", str(dpo_run), *overrides, "--out", str(tmp_path / name)])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("reference cache")]
+        return report(tmp_path / name)["metrics"], lines, len(forwards)
+
+    cached, lines, ran = evaluated("cached")
+    assert len(lines) == 1 and lines[0].startswith(f"reference cache {dpo_run / 'reference_cache'}/")
+    assert lines[0].endswith(": 32 sequences read, 0 computed") and ran == 0  # 16 held-out pairs
+    live, lines, ran = evaluated("live", "trainer.reference_cache=off")
+    assert lines == [] and ran > 0
+    for name in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+        assert cached[name] == pytest.approx(live[name], rel=1e-6, abs=1e-6), name
+
+    short = ("data.max_length=40", "--split", "train", "--max-pairs", "6")
+    first, lines, ran = evaluated("short1", *short)
+    assert lines[0].endswith(": 0 sequences read, 12 computed") and ran > 0
+    again, lines, ran = evaluated("short2", *short)
+    assert lines[0].endswith(": 12 sequences read, 0 computed") and ran == 0
+    assert again["rewards/margins"] == pytest.approx(first["rewards/margins"], rel=1e-6, abs=1e-6)
+
+
+def test_eval_finds_auto_in_the_run_or_in_its_sweep(tmp_path):
+    """`auto` is the run's reference_cache/ or, for a job of a sweep (sweep/0), the sweep's; a DIR is itself."""
+    from tidpo_cli.evaluation import cache_root
+
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    assert cache_root("auto", job) is None and cache_root("off", job) is None
+    (tmp_path / "sweep" / "reference_cache").mkdir()
+    assert cache_root("auto", job) == tmp_path / "sweep" / "reference_cache"
+    (job / "reference_cache").mkdir()
+    assert cache_root("auto", job) == job / "reference_cache"
+    assert cache_root(str(tmp_path / "elsewhere"), job) == tmp_path / "elsewhere"
 
 
 def test_eval_of_a_checkpoint_overrides_and_samples(dpo_run, tmp_path):

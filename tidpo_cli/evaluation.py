@@ -28,7 +28,7 @@ from .diversity import DEFINITIONS, distinct_n, self_bleu, token_entropy
 from .errors import CommandLineParser, UserError
 from .modeling import pick_device
 from .objective import TokenIds
-from .loss_specs import needs_reference
+from .loss_specs import needs_reference, reference_cacheable
 from .outputs import claim_output, write_files
 from .trained import Trained, load_hf, load_trained, locate, reference_source
 
@@ -105,8 +105,9 @@ def eval_main(argv: list[str]) -> None:
 
     print(f"model {trained.source}; reference {reference_name}; {len(pairs)} {args.split} pairs; "
           f"loss {cfg.loss.name} (beta {cfg.loss.beta:g})", file=sys.stderr)
+    cache = run_reference_cache(cfg, run_dir, reference, pairs, ids, device, autocast, trained.model)
     metrics = {k.removeprefix("eval/"): v for k, v in
-               evaluate(trained.model, reference, pairs, cfg, ids, device, autocast).items()}
+               evaluate(trained.model, reference, pairs, cfg, ids, device, autocast, cache=cache).items()}
     metrics.update(per_token_logps(metrics, pairs))
     samples, diversity = sample_generations(trained, pairs, args) if args.samples else ([], {})
     undefined = [name for name in DEFINITIONS if args.samples and name not in diversity]
@@ -160,6 +161,38 @@ def load_reference(given: str | None, trained: Trained, device: torch.device):
                         "directory): give it with --reference PATH_OR_HUB_NAME (usually the model you started from)")
     model, _ = load_hf(source, device)
     return model, str(source)
+
+
+def cache_root(setting: str, run_dir: Path) -> Path | None:
+    """Where the run's `trainer.reference_cache` is, if anywhere: a directory given; `auto`'s `reference_cache/` in
+    the run directory or, for a job of a sweep, in the sweep's directory above it (Hydra's subdir is one level
+    unless set otherwise; a cache not found is no error: the reference then runs)."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    return next((d for d in (run_dir / "reference_cache", run_dir.parent / "reference_cache") if d.is_dir()), None)
+
+
+def run_reference_cache(cfg: DictConfig, run_dir: Path | None, reference, pairs: list, ids: TokenIds, device,
+                        autocast, policy):
+    """The run's reference cache, holding every sequence of `pairs` (those it lacked scored now and written, so
+    the next evaluation reads them), or None: no run, the cache off, a loss it cannot serve (no reference, TDPO's
+    KL). Keyed as training keys it (reference_cache.cache_key) for this process: no DeepSpeed, this device."""
+    from .distributed import Dist
+    from .layout import share_prompt
+    from .reference_cache import ReferenceCache, cache_key, fill, model_fingerprint
+
+    root = cache_root(cfg.trainer.reference_cache, run_dir) if run_dir is not None else None
+    if root is None or reference is None or not reference_cacheable(cfg.loss):
+        return None
+    plain = OmegaConf.merge(cfg, {"deepspeed": {"enabled": False}})  # eval runs without DeepSpeed
+    cache = ReferenceCache(root, cache_key(plain, model_fingerprint(reference), device))
+    found, computed = fill(cache, reference, pairs, batch_size=cfg.trainer.eval_batch_size, pad_id=ids.pad,
+                           share_prompt=share_prompt(cfg, policy, device), device=device, autocast=autocast,
+                           dist=Dist(device=device))
+    print(f"reference cache {cache.folder}: {found} sequences read, {computed} computed", file=sys.stderr)
+    return cache
 
 
 def per_token_logps(metrics: dict[str, float], pairs: list[TokenizedPair]) -> dict[str, float]:
