@@ -166,11 +166,12 @@ def load_reference(given: str | None, trained: Trained, device: torch.device):
 def cache_root(setting: str, run_dir: Path) -> Path | None:
     """Where the run's `trainer.reference_cache` is, if anywhere: a directory given; `auto`'s `reference_cache/` in
     the run directory or, for a job of a sweep, in the sweep's directory above it (Hydra's subdir is one level
-    unless set otherwise; a cache not found is no error: the reference then runs)."""
-    if setting == "off":
-        return None
+    unless set otherwise; a cache not found is no error: the reference then runs). `off` and a DIR as training
+    reads them (reference_cache.cache_dir)."""
+    from .reference_cache import cache_dir
+
     if setting != "auto":
-        return Path(setting).expanduser()
+        return cache_dir(setting, run_dir)
     return next((d for d in (run_dir / "reference_cache", run_dir.parent / "reference_cache") if d.is_dir()), None)
 
 
