@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from helpers import QUICK, compose_config, run_tidpo, save_tiny_hf_model
 from tidpo_cli import trainer
@@ -260,6 +261,21 @@ def test_fingerprint_follows_the_weights_and_ignores_lora_adapters():
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1e-3
     assert weights_fingerprint(model) != before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_fingerprint_is_the_hash_of_every_weights_bytes_in_order(dtype):
+    # An independent statement of the key: one XXH3-128 over each parameter's dtype and shape, then its bytes
+    # (copied out here, read in place by the code), so caches written before it read its memory in place keep
+    # their folder.
+    from tidpo_cli.modeling import build_tiny_llama
+    from tidpo_cli.tokenizer import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(TINY, build_byte_tokenizer(), dtype=dtype)
+    text = b"".join(f"{p.dtype}{tuple(p.shape)}".encode() + p.detach().float().to(dtype).contiguous()
+                    .view(-1).view(torch.uint8).numpy().tobytes() for _, p in model.named_parameters())
+    assert weights_fingerprint(model) == xxhash.xxh3_128(text).hexdigest()
 
 
 def test_config_fingerprint_follows_what_the_config_computes_not_where_it_came_from(tmp_path):

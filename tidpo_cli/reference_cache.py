@@ -78,14 +78,16 @@ def sweep_dir() -> Path | None:
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every parameter's dtype, shape and bytes, in order (LoRA adapter weights left out, so a base
-    model hashes the same with or without adapters injected)."""
+    model hashes the same with or without adapters injected). The hash reads each tensor's memory in place (a
+    NumPy view of its bytes), so a weight on the CPU is not copied; one on a GPU is copied to the CPU, one
+    tensor at a time."""
     digest = xxhash.xxh3_128()
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             continue
         tensor = parameter.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
