@@ -2,8 +2,12 @@
 
 `Rows`: one row per response (data.collate), what `loss` sees; `Packed`: one row per pair with the prompt once
 (packing.py, `trainer.share_prompt`). Either answers: the ids a forward runs on, the forward's other keyword
-arguments, the labels' log-probs read off its logits, each response's last position, and per-position values
-of a forward in the rows' layout.
+arguments, the positions whose logits the objective reads, the labels' log-probs read off its logits, each
+response's last position, and per-position values of a forward in the rows' layout.
+
+The logits a forward returns are either its whole [rows, positions, V], or only those of the positions `kept`
+names, [K, V] in their row-major order (what HF's `logits_to_keep` gives for a boolean mask): the output layer then
+skips every position the objective does not read, most of them the prompt's.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .importance import last_positions
-from .losses import token_logps
+from .losses import IGNORE_INDEX, token_logps
 from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
 
 Batch = dict[str, torch.Tensor]
@@ -30,8 +34,51 @@ class Rows:
         return {"attention_mask": self.batch["attention_mask"]}
 
     def label_logps(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N, T] log-probs of the labels (losses.token_logps)."""
+        """[N, T] log-probs of the labels (losses.token_logps), from whole logits or the kept positions' (`kept`)."""
+        if logits.dim() == 2:
+            return kept_token_logps(logits, self.slots(), self.batch["labels"])
         return token_logps(logits, self.batch["labels"])
+
+    def predictors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward row [N, 1], forward position [N, T - 1]): where in the forward each label t + 1 is predicted."""
+        labels = self.batch["labels"]
+        n, t = labels.shape
+        rows = torch.arange(n, device=labels.device)[:, None]
+        return rows, torch.arange(t - 1, device=labels.device)[None].expand(n, t - 1)
+
+    def kept(self) -> torch.Tensor:
+        """[rows, positions] bool over the forward: the positions whose logits the objective reads, those that
+        predict a label and each response's last (which the saliency targets read)."""
+        ids = self.ids()
+        keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        rows, positions = self.predictors()
+        labelled = self.batch["labels"][:, 1:] != IGNORE_INDEX
+        keep[rows.expand_as(positions)[labelled], positions[labelled]] = True
+        keep[self.last_positions()] = True
+        return keep
+
+    def slots(self) -> torch.Tensor:
+        """[N, T - 1]: the index among the kept positions (`kept`, row-major) of the one that predicts each label
+        t + 1; 0 where no label is (read, then masked)."""
+        keep = self.kept()
+        order = (keep.flatten().cumsum(0) - 1).view(keep.shape)
+        rows, positions = self.predictors()
+        return order[rows, positions].clamp(min=0)
+
+    def label_logit_means(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, T] float32: the mean logit (over the vocabulary) at the position that predicts each label, 0 where
+        no label is; from whole logits or the kept positions'."""
+        means = logits.detach().mean(-1, dtype=torch.float32)
+        labels = self.batch["labels"]
+        picked = means[self.slots()] if logits.dim() == 2 else means[self.predictors()]
+        return torch.nn.functional.pad(picked * (labels[:, 1:] != IGNORE_INDEX), (1, 0))
+
+    def whole_positions(self, kept_values: torch.Tensor) -> torch.Tensor:
+        """Per-position values of the kept positions [K, ...] (`kept`, row-major) in the forward's layout
+        [rows, positions, ...], zero at the others (differentiable)."""
+        keep = self.kept()
+        whole = kept_values.new_zeros((*keep.shape, *kept_values.shape[1:]))
+        return whole.index_put((keep,), kept_values)
 
     def last_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward row, position) of each response row's last token: [N] each."""
@@ -53,13 +100,33 @@ class Packed(Rows):
         return model_inputs(model, self.batch)
 
     def label_logps(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 2:
+            return super().label_logps(logits)
         return packed_token_logps(logits, self.batch)
+
+    def predictors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.batch["packed_index"]
+        rows = torch.arange(index.shape[0], device=index.device) % self.batch["packed_ids"].shape[0]
+        return rows[:, None], index[:, :-1]
 
     def last_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         return last_positions_packed(self.batch)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         return unpack(values, self.batch)  # a gathered copy
+
+
+def kept_token_logps(logits: torch.Tensor, slots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`losses.token_logps` from the logits of the kept positions only, [K, V]: label t + 1 of row n is read at
+    `slots[n, t]` -> [N, T] (0 where labels are ignored and at t = 0). The log-softmax runs in fp32 for
+    half-precision logits."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logits[slots, targets.masked_fill(~mask, 0)]
+    logps = (picked - logits.logsumexp(-1)[slots]) * mask
+    return torch.nn.functional.pad(logps, (1, 0))
 
 
 def layout_of(batch: Batch) -> Rows:

@@ -118,6 +118,10 @@ class AdapterOff:
     def parameters(self):
         return self.peft_model.parameters()
 
+    @property
+    def module(self):  # the model a call runs, named as a DeepSpeed engine names it (objective.keeps_masked_logits)
+        return self.peft_model.get_base_model()
+
     def __call__(self, **inputs):
         model = self.peft_model.get_base_model()
         was_training = model.training

@@ -5,6 +5,8 @@ The maths is in losses.py and importance.py; this module only wires models and b
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,34 +33,64 @@ class TokenIds:
     max_length: int
 
 
-def forward(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(model: torch.nn.Module, batch: Batch, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over every row -> (logits, per-token log-probs [N, T], response mask [N, T]).
 
-    The logits are [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt once) the packed
-    rows' [B, S, V]; `unpacked` gives the [N, T, V] view where a loss needs whole distributions.
+    The logits are those of the positions the objective reads only (layouts.Rows.kept: each label's predictor
+    and each response's last position), [K, V], where the model's forward takes a boolean `logits_to_keep`
+    (`keeps_masked_logits`); else, or with `whole` (a loss that reads whole distributions: TDPO's KL, ORPO's
+    NLL over the prompt), the whole [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt
+    once) the packed rows' [B, S, V]; `unpacked` gives the [N, T, V] view of whole logits.
     """
-    return _forward(model, batch, embeds=None)[:3]
+    return _forward(model, batch, embeds=None, whole=whole)[:3]
 
 
-def forward_from_embeddings(model: torch.nn.Module, batch: Batch):
+def forward_from_embeddings(model: torch.nn.Module, batch: Batch, whole: bool = False):
     """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings,
-    final hidden states [rows, positions, hidden]: what the output layer was given, for `saliency_targets`)."""
+    final hidden states [rows, positions, hidden]: what the output layer was given, for `saliency_targets`; zero
+    at the positions it was not given, which no target reads)."""
     embeds = model.get_input_embeddings()(layout_of(batch).ids())
     if not embeds.requires_grad:  # frozen embeddings (LoRA): the saliency still needs the gradient to them
         embeds = embeds.detach().requires_grad_(True)
     seen = []
     hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
-        return (*_forward(model, batch, embeds=embeds), seen[-1])
+        out = _forward(model, batch, embeds=embeds, whole=whole)
     finally:
         hook.remove()
+    hidden = seen[-1]
+    if hidden.dim() == 2:  # the kept positions' only
+        hidden = layout_of(batch).whole_positions(hidden)
+    return (*out, hidden)
 
 
-def _forward(model, batch: Batch, embeds):
+def _forward(model, batch: Batch, embeds, whole: bool):
     layout = layout_of(batch)
     inputs = {"input_ids": layout.ids()} if embeds is None else {"inputs_embeds": embeds}
+    if not whole and keeps_masked_logits(model):
+        inputs["logits_to_keep"] = layout.kept()
     logits = model(**inputs, **layout.model_kwargs(model), use_cache=False).logits
     return logits, layout.label_logps(logits), response_mask(batch["labels"]), embeds
+
+
+@functools.cache
+def _slices_by_mask(cls: type) -> bool:
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))  # HF's are decorated
+    code, helper = getattr(forward, "__code__", None), getattr(forward, "__globals__", {}).get("slice_logits_to_keep")
+    if code is None or helper is None or "slice_logits_to_keep" not in code.co_names:
+        return False
+    try:  # releases before the boolean form read a 2-D tensor as positions, or refuse it
+        kept = helper(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return False
+    return tuple(kept.shape) == (2, 1)
+
+
+def keeps_masked_logits(model) -> bool:
+    """Whether the model's forward (a DeepSpeed engine's module) computes logits at the positions of a boolean
+    [rows, positions] `logits_to_keep` only, flattened to [K, V]: transformers' own models whose forward slices
+    with `slice_logits_to_keep`, from the release whose helper takes a mask (checked on a tiny tensor)."""
+    return _slices_by_mask(type(getattr(model, "module", model)))
 
 
 def fused_pass(policy, imp: DictConfig) -> bool:
@@ -162,9 +194,11 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
                                                           eos_id=ids.eos, max_length=ids.max_length, seed=seed)
         rows = with_anchors(batch, anchors, ids.pad)
     width = batch["input_ids"].shape[1]  # the pairs' own width; `rows` may be wider
+    whole = bool(loss_cfg.alpha) or (needs_nll(loss_cfg) and spec.nll_with_prompt)  # logits at every position
 
-    weights, forwarded = token_weights(policy, batch, rows, loss_cfg.importance, pairs, width, seed, metrics)
-    logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows)
+    weights, forwarded = token_weights(policy, batch, rows, loss_cfg.importance, pairs, width, seed, metrics,
+                                       whole=whole)
+    logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows, whole=whole)
     ref_logits = None
     if needs_reference(loss_cfg):
         ref_logits, ref_logps = reference_scores(reference, batch, rows, whole=bool(loss_cfg.alpha))
@@ -231,8 +265,8 @@ def reference_scores(reference, batch: Batch, rows: Batch, *, whole: bool):
     distributions: TDPO's KL); the rows after them are scored live, on their own."""
     cached = batch.get("reference_logps")
     if cached is None or whole:
-        logits, logps, _ = forward(reference, rows)
-        return logits, logps
+        logits, logps, _ = forward(reference, rows, whole=whole)
+        return logits if whole else None, logps
     logps = torch.nn.functional.pad(cached, (0, rows["labels"].shape[1] - cached.shape[1]))
     if rows["input_ids"].shape[0] > cached.shape[0]:
         after = {k: rows[k][cached.shape[0]:] for k in ("input_ids", "attention_mask", "labels")}  # unpacked rows
@@ -241,7 +275,7 @@ def reference_scores(reference, batch: Batch, rows: Batch, *, whole: bool):
 
 
 def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: slice, width: int, seed: int,
-                  metrics: MetricSums):
+                  metrics: MetricSums, whole: bool = False):
     """(weights [2B, rows' width] or None, the loss's forward when the fused pass ran it, else None): TI-DPO's
     token weights (loss.importance), for any pairwise loss; the batch's precomputed ones (TIS-DPO) where it has
     them; None with `loss.importance.mode=none`. The saliency differentiates `loss.importance.target` and turns
@@ -258,7 +292,7 @@ def token_weights(policy, batch: Batch, rows: Batch, imp: DictConfig, pairs: sli
     if fused_pass(policy, imp):
         # The saliency from the loss's own forward: one forward fewer (exact without dropout). Not in
         # evaluation, whose forwards keep no graph.
-        forwarded = forward_from_embeddings(policy, rows)
+        forwarded = forward_from_embeddings(policy, rows, whole=whole)
         with extra_backward(policy):  # the loss's backward follows through the same graph (ZeRO-3 counts it)
             targets = saliency_targets(policy, forwarded[4], rows, pairs, imp.target)
             raw = saliency_from_forward(forwarded[3], targets, imp.attribution)
@@ -343,8 +377,7 @@ def add_logit_means(metrics: MetricSums, logits: torch.Tensor, rows: Batch, mask
     """TRL's `logits/chosen` and `logits/rejected`: the mean over the responses' tokens of the mean logit (over the
     vocabulary) at the position that predicts the token."""
     with torch.no_grad():
-        means = unpacked(logits.mean(-1, dtype=torch.float32), rows)  # [N, T] position t predicts token t + 1
-        means = torch.nn.functional.pad(means[:, :-1], (1, 0)) * mask
+        means = layout_of(rows).label_logit_means(logits) * mask
         for name, part in (("logits/chosen", slice(0, half)), ("logits/rejected", slice(half, 2 * half))):
             metrics.add({name: means[part].sum().item()}, count=float(mask[part].sum()))
 
@@ -377,8 +410,7 @@ def _unpaired_kto(policy, reference, batch: Batch, loss_cfg: DictConfig,
         if rows.any():
             metrics.add({f"rewards/{side}": rewards[rows].sum().item(), f"logps/{side}": sums[rows].sum().item()},
                         count=int(rows.sum()))
-    with torch.no_grad():
-        means = torch.nn.functional.pad(logits.mean(-1, dtype=torch.float32)[:, :-1], (1, 0)) * mask
+    means = layout_of(batch).label_logit_means(logits) * mask
     for side, rows in (("chosen", good), ("rejected", ~good)):
         metrics.add({f"logits/{side}": means[rows].sum().item()}, count=float(mask[rows].sum()))
     return loss_sum, metrics
