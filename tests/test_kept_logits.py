@@ -102,3 +102,44 @@ def test_a_forward_that_does_not_slice_by_a_mask_gets_whole_logits(model):
     logits, logps, _ = forward(other, batch)
     assert logits.dim() == 3
     torch.testing.assert_close(logps, forward(model, batch)[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["rows", "packed"])
+def test_tdpo_kl_from_kept_logits_is_the_whole_rows_kl(model, share_prompt):
+    from tidpo_cli.losses import position_kl, token_kl
+    from tidpo_cli.objective import unpacked
+
+    torch.manual_seed(1)
+    reference = build_tiny_llama(TINY, build_byte_tokenizer())
+    batch = batch_of(share_prompt)
+    layout = layout_of(batch)
+    pol_kept, ref_kept = forward(model, batch)[0], forward(reference, batch)[0]
+    pol_whole, ref_whole = forward(model, batch, whole=True)[0], forward(reference, batch, whole=True)[0]
+    want = token_kl(unpacked(ref_whole, batch), unpacked(pol_whole, batch), batch["labels"])  # [N, T] unpacked rows
+    assert (want > 0).sum() == sum(len(c) + len(r) for _, c, r in PAIRS)
+    torch.testing.assert_close(layout.at_labels(position_kl(ref_kept, pol_kept)), want, rtol=1e-5, atol=1e-7)
+    # One model kept, the other whole (a model.reference whose forward takes no mask): both read at the kept ones.
+    torch.testing.assert_close(layout.at_labels(position_kl(layout.as_kept(ref_whole), pol_kept)), want,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_tdpo_loss_with_a_reference_whose_forward_keeps_no_positions(model):
+    from helpers import compose_config
+    from tidpo_cli.objective import TokenIds, batch_loss
+
+    cfg = compose_config(["loss=tdpo"])
+    assert cfg.loss.alpha
+    torch.manual_seed(1)
+    reference = build_tiny_llama(TINY, build_byte_tokenizer())
+    other = OwnForward(reference.config)  # the same weights; its logits come whole
+    other.load_state_dict(reference.state_dict())
+    tokenizer = build_byte_tokenizer()
+    ids = TokenIds(tokenizer.pad_token_id, tokenizer.eos_token_id, 64)
+    batch = batch_of(False)
+    (kept, kept_metrics), (mixed, mixed_metrics) = (batch_loss(model, r, batch, cfg.loss, ids, seed=0)
+                                                    for r in (reference, other))
+    torch.testing.assert_close(mixed, kept, rtol=1e-6, atol=1e-7)
+    means = kept_metrics.means(), mixed_metrics.means()
+    assert means[0]["kl/chosen"] > 0
+    for name in ("kl/chosen", "kl/rejected", "loss"):
+        assert means[1][name] == pytest.approx(means[0][name], rel=1e-6, abs=1e-9), name

@@ -65,13 +65,21 @@ class Rows:
         rows, positions = self.predictors()
         return order[rows, positions].clamp(min=0)
 
+    def at_labels(self, values: torch.Tensor) -> torch.Tensor:
+        """[N, T]: a per-position value of a forward at the position that predicts each label, aligned with the
+        labels as `label_logps` is (0 where no label is); `values` [K] at the kept positions, or [rows, positions]
+        at every position."""
+        picked = values[self.slots()] if values.dim() == 1 else values[self.predictors()]
+        return torch.nn.functional.pad(picked * (self.batch["labels"][:, 1:] != IGNORE_INDEX), (1, 0))
+
     def label_logit_means(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, T] float32: the mean logit (over the vocabulary) at the position that predicts each label, 0 where
         no label is; from whole logits or the kept positions'."""
-        means = logits.detach().mean(-1, dtype=torch.float32)
-        labels = self.batch["labels"]
-        picked = means[self.slots()] if logits.dim() == 2 else means[self.predictors()]
-        return torch.nn.functional.pad(picked * (labels[:, 1:] != IGNORE_INDEX), (1, 0))
+        return self.at_labels(logits.detach().mean(-1, dtype=torch.float32))
+
+    def as_kept(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits at the kept positions [K, V] (`kept`, row-major), from whole ones or as they are."""
+        return logits[self.kept()] if logits.dim() == 3 else logits
 
     def whole_positions(self, kept_values: torch.Tensor) -> torch.Tensor:
         """Per-position values of the kept positions [K, ...] (`kept`, row-major) in the forward's layout

@@ -98,10 +98,16 @@ def ipo_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: flo
 def token_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(pi_ref(. | y_<t) || pi_theta(. | y_<t)) over the full vocabulary, aligned with the labels like
     `token_logps`: [N, T], 0 where labels[t] is ignored. Gradients flow into `policy_logits` only."""
-    ref = F.log_softmax(_at_least_fp32(reference_logits[:, :-1]), dim=-1)
-    pol = F.log_softmax(_at_least_fp32(policy_logits[:, :-1]), dim=-1)
-    kl = (ref.exp() * (ref - pol)).sum(-1) * (labels[:, 1:] != IGNORE_INDEX)
+    kl = position_kl(reference_logits[:, :-1], policy_logits[:, :-1]) * (labels[:, 1:] != IGNORE_INDEX)
     return F.pad(kl, (1, 0))
+
+
+def position_kl(reference_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(policy)) over the last (vocabulary) dimension, at every position [...]; the
+    log-softmax in fp32 for half-precision logits. Gradients flow into `policy_logits` only."""
+    ref = F.log_softmax(_at_least_fp32(reference_logits.detach()), dim=-1)
+    pol = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
+    return (ref.exp() * (ref - pol)).sum(-1)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

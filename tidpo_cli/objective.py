@@ -17,8 +17,8 @@ from .distributed import extra_backward
 from .importance import (TARGETS, dropout_active, gradient_saliency, importance_pass, last_token, mix_weights,
                          saliency_from_forward, weight_shares, weight_stats)
 from .loss_specs import needs_nll, needs_reference, spec_of
-from .losses import (IGNORE_INDEX, PairScores, kto_losses, left_align, mean_nll, response_mask, sft_loss, token_kl,
-                     token_logps, triplet_terms)
+from .losses import (IGNORE_INDEX, PairScores, kto_losses, left_align, mean_nll, position_kl, response_mask,
+                     sft_loss, token_logps, triplet_terms)
 from .layouts import layout_of
 from .tracking import MetricSums
 
@@ -38,8 +38,8 @@ def forward(model: torch.nn.Module, batch: Batch, whole: bool = False) -> tuple[
 
     The logits are those of the positions the objective reads only (layouts.Rows.kept: each label's predictor
     and each response's last position), [K, V], where the model's forward takes a boolean `logits_to_keep`
-    (`keeps_masked_logits`); else, or with `whole` (a loss that reads whole distributions: TDPO's KL, ORPO's
-    NLL over the prompt), the whole [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt
+    (`keeps_masked_logits`); else, or with `whole` (a loss that reads the prompt's tokens: ORPO's NLL), the
+    whole [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt
     once) the packed rows' [B, S, V]; `unpacked` gives the [N, T, V] view of whole logits.
     """
     return _forward(model, batch, embeds=None, whole=whole)[:3]
@@ -194,14 +194,14 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
                                                           eos_id=ids.eos, max_length=ids.max_length, seed=seed)
         rows = with_anchors(batch, anchors, ids.pad)
     width = batch["input_ids"].shape[1]  # the pairs' own width; `rows` may be wider
-    whole = bool(loss_cfg.alpha) or (needs_nll(loss_cfg) and spec.nll_with_prompt)  # logits at every position
+    whole = needs_nll(loss_cfg) and spec.nll_with_prompt  # logits at every position: the prompt's tokens are read
 
     weights, forwarded = token_weights(policy, batch, rows, loss_cfg.importance, pairs, width, seed, metrics,
                                        whole=whole)
     logits, logps, mask = forwarded[:3] if forwarded is not None else forward(policy, rows, whole=whole)
     ref_logits = None
     if needs_reference(loss_cfg):
-        ref_logits, ref_logps = reference_scores(reference, batch, rows, whole=bool(loss_cfg.alpha))
+        ref_logits, ref_logps = reference_scores(reference, batch, rows, distributions=bool(loss_cfg.alpha))
     else:
         ref_logps = torch.zeros_like(logps)
     ratios = (logps - ref_logps) * mask  # per-token log-ratios m_t [N, T] (log-probs for a reference-free loss)
@@ -211,9 +211,11 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
     lengths = pair_mask.sum(-1)
 
     delta = (policy_sums[:half] - ref_sums[:half]) - (policy_sums[half:] - ref_sums[half:])
-    if loss_cfg.alpha:  # TDPO's sequential KL (needs both models' whole distributions)
-        kl = token_kl(unpacked(ref_logits, rows)[pairs], unpacked(logits, rows)[pairs],
-                      rows["labels"][pairs]).sum(-1)
+    if loss_cfg.alpha:  # TDPO's sequential KL (both models' distributions at each label's predictor)
+        layout = layout_of(rows)
+        if ref_logits.dim() != logits.dim():  # one model's forward kept positions, the other's did not
+            ref_logits, logits = layout.as_kept(ref_logits), layout.as_kept(logits)
+        kl = layout.at_labels(position_kl(ref_logits, logits))[pairs].sum(-1)
         delta = delta - loss_cfg.alpha * (kl[half:] - kl[:half].detach())
         metrics.add({"kl/chosen": kl[:half].sum().item(), "kl/rejected": kl[half:].sum().item()}, count=half)
     del ref_logits
@@ -258,15 +260,15 @@ def batch_loss(policy, reference, batch: Batch, loss_cfg: DictConfig, ids: Token
 
 
 @torch.no_grad()
-def reference_scores(reference, batch: Batch, rows: Batch, *, whole: bool):
+def reference_scores(reference, batch: Batch, rows: Batch, *, distributions: bool):
     """(the reference's logits or None, its label log-probs [rows, T]) for the rows of a forward: `batch`'s rows
     then any that follow them in `rows` (anchors). The batch's rows come from `reference_logps`
-    (trainer.reference_cache) where it carries them, unless `whole` (the loss reads the reference's whole
-    distributions: TDPO's KL); the rows after them are scored live, on their own."""
+    (trainer.reference_cache) where it carries them, unless the loss reads the reference's `distributions`
+    (TDPO's KL: its logits are returned); the rows after them are scored live, on their own."""
     cached = batch.get("reference_logps")
-    if cached is None or whole:
-        logits, logps, _ = forward(reference, rows, whole=whole)
-        return logits if whole else None, logps
+    if cached is None or distributions:
+        logits, logps, _ = forward(reference, rows)
+        return logits if distributions else None, logps
     logps = torch.nn.functional.pad(cached, (0, rows["labels"].shape[1] - cached.shape[1]))
     if rows["input_ids"].shape[0] > cached.shape[0]:
         after = {k: rows[k][cached.shape[0]:] for k in ("input_ids", "attention_mask", "labels")}  # unpacked rows
@@ -397,7 +399,7 @@ def _unpaired_kto(policy, reference, batch: Batch, loss_cfg: DictConfig,
     the loss summed over the rows, z0 from the rows' mismatched completions as for pairs (TRL's KTOTrainer)."""
     metrics = MetricSums()
     logits, logps, mask = forward(policy, batch)
-    _, ref_logps = reference_scores(reference, batch, batch, whole=False)
+    _, ref_logps = reference_scores(reference, batch, batch, distributions=False)
     ratio = ((logps - ref_logps) * mask).sum(-1)  # [N]
     kl = kto_reference_point(policy, reference, batch, ids.pad)
     good = batch["desirable"]
