@@ -26,6 +26,7 @@ class Rows:
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
+        self._kept: torch.Tensor | None = None
 
     def ids(self) -> torch.Tensor:
         return self.batch["input_ids"]
@@ -48,13 +49,16 @@ class Rows:
 
     def kept(self) -> torch.Tensor:
         """[rows, positions] bool over the forward: the positions whose logits the objective reads, those that
-        predict a label and each response's last (which the saliency targets read)."""
+        predict a label and each response's last (which the saliency targets read). Computed once a layout."""
+        if self._kept is not None:
+            return self._kept
         ids = self.ids()
         keep = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         rows, positions = self.predictors()
         labelled = self.batch["labels"][:, 1:] != IGNORE_INDEX
         keep[rows.expand_as(positions)[labelled], positions[labelled]] = True
         keep[self.last_positions()] = True
+        self._kept = keep
         return keep
 
     def slots(self) -> torch.Tensor:

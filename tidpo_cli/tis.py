@@ -76,7 +76,7 @@ from typing import Iterable
 import torch
 
 from tidpo_cli.data.examples import TokenizedPair
-from tidpo_cli.losses import response_mask, token_logps
+from tidpo_cli.losses import response_mask
 
 TRANSFORMS = ("rank_based", "threshold_and_scale", "threshold", "binary", "random", "origin", "exp")
 CACHE_FORMAT = "tidpo.tis-weights"
@@ -225,10 +225,11 @@ def estimate(positive_model: torch.nn.Module, negative_model: torch.nn.Module, b
 
 
 def _logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """`token_logps` of the rows, from the logits at the positions that predict a label only (objective.forward)."""
+    from tidpo_cli.objective import forward
+
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                   use_cache=False).logits
-    return token_logps(logits, batch["labels"].to(device)).cpu()
+    return forward(model, {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")})[1].cpu()
 
 
 def _final_eos(labels: torch.Tensor, mask: torch.Tensor, eos_id: int | None) -> torch.Tensor:
