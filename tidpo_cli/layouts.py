@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .importance import last_positions
-from .losses import IGNORE_INDEX, token_logps
+from .losses import IGNORE_INDEX, indexed_token_logps, token_logps
 from .packing import is_packed, last_positions_packed, model_inputs, packed_token_logps, unpack
 
 Batch = dict[str, torch.Tensor]
@@ -37,7 +37,7 @@ class Rows:
     def label_logps(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, T] log-probs of the labels (losses.token_logps), from whole logits or the kept positions' (`kept`)."""
         if logits.dim() == 2:
-            return kept_token_logps(logits, self.slots(), self.batch["labels"])
+            return indexed_token_logps(*self.indexed(logits, kept=True), self.batch["labels"])
         return token_logps(logits, self.batch["labels"])
 
     def predictors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +69,20 @@ class Rows:
         rows, positions = self.predictors()
         return order[rows, positions].clamp(min=0)
 
+    def indexed(self, values: torch.Tensor, kept: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`values` over positions [P, ...], the index [N, T - 1] into P of the position that predicts each
+        label t + 1): `values` [K, ...] at the kept positions (`kept`), or [rows, positions, ...] at every one."""
+        if kept:
+            return values, self.slots()
+        rows, positions = self.predictors()
+        return values.flatten(0, 1), rows * values.shape[1] + positions
+
     def at_labels(self, values: torch.Tensor) -> torch.Tensor:
         """[N, T]: a per-position value of a forward at the position that predicts each label, aligned with the
         labels as `label_logps` is (0 where no label is); `values` [K] at the kept positions, or [rows, positions]
         at every position."""
-        picked = values[self.slots()] if values.dim() == 1 else values[self.predictors()]
-        return torch.nn.functional.pad(picked * (self.batch["labels"][:, 1:] != IGNORE_INDEX), (1, 0))
+        flat, where = self.indexed(values, kept=values.dim() == 1)
+        return torch.nn.functional.pad(flat[where] * (self.batch["labels"][:, 1:] != IGNORE_INDEX), (1, 0))
 
     def label_logit_means(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, T] float32: the mean logit (over the vocabulary) at the position that predicts each label, 0 where
@@ -126,19 +134,6 @@ class Packed(Rows):
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         return unpack(values, self.batch)  # a gathered copy
-
-
-def kept_token_logps(logits: torch.Tensor, slots: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`losses.token_logps` from the logits of the kept positions only, [K, V]: label t + 1 of row n is read at
-    `slots[n, t]` -> [N, T] (0 where labels are ignored and at t = 0). The log-softmax runs in fp32 for
-    half-precision logits."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logits[slots, targets.masked_fill(~mask, 0)]
-    logps = (picked - logits.logsumexp(-1)[slots]) * mask
-    return torch.nn.functional.pad(logps, (1, 0))
 
 
 def layout_of(batch: Batch) -> Rows:

@@ -32,6 +32,19 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.pad(logps, (1, 0))
 
 
+def indexed_token_logps(logits: torch.Tensor, where: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`token_logps` from logits [P, V] of any P positions: label t + 1 of row n is predicted at position
+    `where[n, t]` ([N, T - 1]; read, then masked, where no label is) -> [N, T]. The log-softmax runs in fp32 for
+    half-precision logits; one log-sum-exp per position, one gathered logit per label."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logits[where, targets.masked_fill(~mask, 0)]
+    logps = (picked - logits.logsumexp(-1)[where]) * mask
+    return F.pad(logps, (1, 0))
+
+
 def response_mask(labels: torch.Tensor) -> torch.Tensor:
     """[N, T] bool: the tokens whose log-probs count (response tokens, not prompt or padding)."""
     mask = labels != IGNORE_INDEX

@@ -39,33 +39,34 @@ def forward(model: torch.nn.Module, batch: Batch, whole: bool = False) -> tuple[
     The logits are those of the positions the objective reads only (layouts.Rows.kept: each label's predictor
     and each response's last position), [K, V], where the model's forward takes a boolean `logits_to_keep`
     (`keeps_masked_logits`); else, or with `whole` (a loss that reads the prompt's tokens: ORPO's NLL), the
-    whole [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt
-    once) the packed rows' [B, S, V]; `unpacked` gives the [N, T, V] view of whole logits.
+    whole [N, T, V], or for a packed batch (packing.py: one row per pair, the prompt once) the packed rows'
+    [B, S, V]; `unpacked` gives the [N, T, V] view of whole logits.
     """
-    return _forward(model, batch, embeds=None, whole=whole)[:3]
+    return _forward(model, layout_of(batch), embeds=None, whole=whole)[:3]
 
 
 def forward_from_embeddings(model: torch.nn.Module, batch: Batch, whole: bool = False):
     """`forward`, run from the input embeddings so the graph holds them: (logits, log-probs, mask, embeddings,
     final hidden states [rows, positions, hidden]: what the output layer was given, for `saliency_targets`; zero
     at the positions it was not given, which no target reads)."""
-    embeds = model.get_input_embeddings()(layout_of(batch).ids())
+    layout = layout_of(batch)
+    embeds = model.get_input_embeddings()(layout.ids())
     if not embeds.requires_grad:  # frozen embeddings (LoRA): the saliency still needs the gradient to them
         embeds = embeds.detach().requires_grad_(True)
     seen = []
     hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
-        out = _forward(model, batch, embeds=embeds, whole=whole)
+        out = _forward(model, layout, embeds=embeds, whole=whole)
     finally:
         hook.remove()
     hidden = seen[-1]
     if hidden.dim() == 2:  # the kept positions' only
-        hidden = layout_of(batch).whole_positions(hidden)
+        hidden = layout.whole_positions(hidden)
     return (*out, hidden)
 
 
-def _forward(model, batch: Batch, embeds, whole: bool):
-    layout = layout_of(batch)
+def _forward(model, layout, embeds, whole: bool):
+    batch = layout.batch
     inputs = {"input_ids": layout.ids()} if embeds is None else {"inputs_embeds": embeds}
     if not whole and keeps_masked_logits(model):
         inputs["logits_to_keep"] = layout.kept()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from .losses import IGNORE_INDEX
+from .losses import indexed_token_logps
 
 PROMPT, PAD = 0, -1  # segment ids; responses are 1, 2, ...
 SHAREABLE_ATTENTION = ("sdpa", "eager", "flex_attention")  # flash_attention_2 takes no custom mask
@@ -163,13 +163,6 @@ def packed_token_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
     rejected token that is the prompt's last position, shared with the first chosen token). No unpacked copy of
     the logits is made: one log-sum-exp per packed position, one gathered logit per label.
     """
-    index, labels = batch["packed_index"], batch["labels"]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    index = batch["packed_index"]
     rows = (torch.arange(index.shape[0], device=index.device) % logits.shape[0]).unsqueeze(1)
-    predictors = index[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    picked = logits[rows, predictors, targets.masked_fill(~mask, 0)]
-    logps = (picked - logits.logsumexp(-1)[rows, predictors]) * mask
-    return torch.nn.functional.pad(logps, (1, 0))
+    return indexed_token_logps(logits.flatten(0, 1), rows * logits.shape[1] + index[:, :-1], batch["labels"])

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from unittest.mock import patch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # tidpo_cli from this checkout when not installed
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -33,6 +34,7 @@ from tidpo_cli.benchmark import versions  # noqa: E402
 from tidpo_cli.modeling import build_tiny_llama  # noqa: E402
 from tidpo_cli.reference_cache import weights_fingerprint  # noqa: E402
 from tidpo_cli.tokenizer import build_byte_tokenizer  # noqa: E402
+from trl_vs_tidpo import parse_model_overrides  # noqa: E402  (the bench drivers' BENCH_MODEL)
 
 MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=16)
@@ -60,16 +62,8 @@ def copied(model: torch.nn.Module) -> str:
         return weights_fingerprint(model)
 
 
-def overrides(text: str) -> dict:
-    out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, value = item.split("=", 1)
-        out[key] = json.loads(value)
-    return out
-
-
 def main() -> None:
-    config = {**MODEL, **overrides(os.environ.get("BENCH_MODEL", ""))}
+    config = {**MODEL, **parse_model_overrides(os.environ.get("BENCH_MODEL", ""))}
     dtype = getattr(torch, os.environ.get("BENCH_DTYPE", "bfloat16"))
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     torch.manual_seed(0)
