@@ -413,3 +413,51 @@ def test_gpu_script_on_the_cpu_keeps_to_its_budget_and_packs_its_logs(tmp_path):
     assert list(got["runs"]) == ["dpo"] and got["runs"]["dpo"]["steps_measured"] == 2
     with tarfile.open(out / "logs.tgz") as tar:
         assert sorted(n.removeprefix("./") for n in tar.getnames() if n != ".") == ["dpo.jsonl", "dpo.log"]
+
+
+wheels = _load("gpu_wheels")
+TORCH_CLOSURE = ("torch", "numpy")
+
+
+def test_gpu_wheels_carry_what_transformers_requires_and_not_what_torch_does():
+    """gpu_prepare.sh's list: transformers 5.25 requires huggingface-hub 2.4, which the GPU image (1.33) lacks, and
+    huggingface-hub requires httpx2, which it lacks too; a list of names by hand carried neither."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    carried = wheels.carried("3.12", ["transformers", "deepspeed", "hydra-core", "omegaconf", "typing-extensions"],
+                             list(TORCH_CLOSURE))
+    for name in ("transformers", "deepspeed", "hydra-core", "omegaconf", "huggingface-hub", "tokenizers"):
+        assert carried[name] == version(name), name
+    left = wheels.closure(list(TORCH_CLOSURE), wheels.marker_environment("3.12"))
+    assert "torch" not in carried and "sympy" not in carried and "sympy" in left  # PyTorch's own stay on the image
+    assert carried["typing-extensions"] == version("typing-extensions")  # a root, though PyTorch requires it too
+    # Closed: every requirement of a carried package that applies on CPython 3.12 and is installed is carried or is
+    # PyTorch's (what the image holds).
+    environment = wheels.marker_environment("3.12")
+    for name in carried:
+        for text in requires(name) or []:
+            requirement = Requirement(text)
+            needed = canonicalize_name(requirement.name)
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            if wheels.closure([needed], environment):  # installed here
+                assert needed in carried or needed in left, (name, needed)
+
+
+def test_gpu_wheels_markers_are_the_target_pythons():
+    from packaging.markers import Marker
+
+    old, new = wheels.marker_environment("3.10"), wheels.marker_environment("3.12")
+    assert Marker('python_version < "3.11"').evaluate(old) and not Marker('python_version < "3.11"').evaluate(new)
+    assert Marker('platform_machine == "x86_64" and sys_platform == "linux"').evaluate(new)
+    assert not Marker('extra == "dev"').evaluate(new)
+
+
+def test_gpu_wheels_cli_names_a_root_that_is_not_installed(capsys):
+    with pytest.raises(SystemExit) as stop:
+        wheels.main(["3.12", "transformers no-such-package-here", "torch"])
+    assert stop.value.code == 2
+    assert "not installed here: no-such-package-here" in capsys.readouterr().err
