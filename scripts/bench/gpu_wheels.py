@@ -61,12 +61,13 @@ def main(argv: list[str]) -> None:
     if len(argv) != 3:
         raise SystemExit(__doc__)
     python_version, roots, excluded = argv[0], argv[1].split(), argv[2].split()
-    missing = [r for r in roots if canonicalize_name(r) not in closure([r], marker_environment(python_version))]
+    packages = carried(python_version, roots, excluded)  # every installed root is carried
+    missing = [r for r in roots if canonicalize_name(r) not in packages]
     if missing:
         print(f"scripts/bench/gpu_wheels.py: not installed here: {', '.join(missing)}; run it with the checkout's "
               ".venv/bin/python (make install)", file=sys.stderr)
         raise SystemExit(2)
-    for name, version in carried(python_version, roots, excluded).items():
+    for name, version in packages.items():
         print(f"{name}=={version}")
 
 
